@@ -1,0 +1,469 @@
+//! Typed settings for every logdist service, layered with figment:
+//! built-in defaults → a TOML file → environment variables → command-line flags (last wins).
+//!
+//! Environment variables carry the service's prefix and use `__` for nesting:
+//! `DISTRIBUTOR_PORT=9000`, `DISTRIBUTOR_WAL__FSYNC=false`, `ANALYZER_ID=analyzer-2`,
+//! `EMITTER_DISTRIBUTOR_URL=http://127.0.0.1:8081`.
+//!
+//! Unknown keys are refused, so a typo in a file or a variable fails the start with the key's name
+//! instead of being silently ignored. [`Validate`] then checks what types cannot (weights, ids,
+//! endpoints), also naming the key.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Why settings were refused at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value has the wrong type, a key is unknown, or the file cannot be read or parsed.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value is well typed but not acceptable; the string names the key.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Checks that go beyond types. Every error names the key it is about.
+pub trait Validate {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+/// Load settings: `T::default()`, then `file` (if given; a missing file is an error), then
+/// environment variables starting with `env_prefix`, then `flags` (only the fields it sets).
+pub fn load<T, F>(file: Option<&Path>, env_prefix: &str, flags: &F) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned + Serialize + Default + Validate,
+    F: Serialize,
+{
+    let mut figment = Figment::from(Serialized::defaults(T::default()));
+    if let Some(path) = file {
+        if !path.is_file() {
+            return Err(ConfigError::Invalid(format!(
+                "config file {} does not exist",
+                path.display()
+            )));
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let settings: T = figment
+        .merge(Env::prefixed(env_prefix).split("__"))
+        .merge(Serialized::defaults(flags))
+        .extract()
+        .map_err(|e| ConfigError::Load(Box::new(e)))?;
+    settings.validate()?;
+    Ok(settings)
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(msg.into()))
+}
+
+/// One analyzer as the distributor sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalyzerEntry {
+    /// Unique name, e.g. `analyzer-1`; it is what `/queue`, `/stats` and `/health` report.
+    pub id: String,
+    /// Relative weight (need not sum to 1 across analyzers); 0 takes the analyzer out of rotation.
+    pub weight: f64,
+    /// Base URL, e.g. `http://127.0.0.1:8082`; the distributor posts to `{endpoint}/analyze`.
+    pub endpoint: String,
+    /// Timeout of one send, connect included.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Retries after a failed send, with exponential backoff, before the batch is handed to the
+    /// redelivery worker.
+    #[serde(default = "default_retry_count")]
+    pub retry_count: u32,
+}
+
+fn default_timeout_ms() -> u64 {
+    2000
+}
+fn default_retry_count() -> u32 {
+    2
+}
+
+/// The write-ahead log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSettings {
+    /// Above this many pending messages `POST /logs` answers 503 with `Retry-After`.
+    pub max_pending_messages: u64,
+    /// sled's page cache, in MiB. Bounds the distributor's memory whatever the backlog.
+    pub cache_capacity_mb: u64,
+    /// fsync before acknowledging. `false` BREAKS the durability guarantee (a crash may lose
+    /// acknowledged packets); it exists only to measure what durability costs.
+    pub fsync: bool,
+    /// Delivered packets whose `(emitter_id, packet_id)` is still remembered, so that an emitter's
+    /// late retry is answered "duplicate" instead of being stored again. Bounds the dedup index.
+    pub dedup_retention_packets: u64,
+}
+
+impl Default for WalSettings {
+    fn default() -> Self {
+        Self {
+            max_pending_messages: 10_000_000,
+            cache_capacity_mb: 64,
+            fsync: true,
+            dedup_retention_packets: 1_000_000,
+        }
+    }
+}
+
+/// Limits on what `POST /logs` accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSettings {
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Most messages in one packet (400 beyond).
+    pub max_messages_per_packet: usize,
+    /// Longest `emitter_id` or `packet_id`, in bytes.
+    pub max_id_bytes: usize,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 4 * 1024 * 1024,
+            max_messages_per_packet: 1000,
+            max_id_bytes: 128,
+        }
+    }
+}
+
+/// How pending messages move to analyzers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Most messages in one `POST /analyze`.
+    pub batch_max_messages: usize,
+    /// Most batches in flight to one analyzer at once.
+    pub max_in_flight_batches: usize,
+    /// Most WAL records (packets) held in memory by the dispatcher; the rest wait on disk.
+    pub window_records: usize,
+    /// Period of the redelivery worker.
+    pub redelivery_interval_ms: u64,
+    /// Period of the active `GET /health` probe of every analyzer.
+    pub health_interval_ms: u64,
+    /// Consecutive failed sends after which an analyzer is marked unhealthy.
+    pub unhealthy_after_failures: u32,
+    /// First retry delay; it doubles on every retry up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            batch_max_messages: 1000,
+            max_in_flight_batches: 4,
+            window_records: 1024,
+            redelivery_interval_ms: 2000,
+            health_interval_ms: 1000,
+            unhealthy_after_failures: 3,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 1000,
+        }
+    }
+}
+
+/// Everything the distributor needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributorSettings {
+    pub host: String,
+    pub port: u16,
+    /// Directory of the sled WAL. Created if missing; reused on restart.
+    pub data_dir: PathBuf,
+    pub wal: WalSettings,
+    pub limits: LimitSettings,
+    pub dispatch: DispatchSettings,
+    pub analyzers: Vec<AnalyzerEntry>,
+}
+
+impl Default for DistributorSettings {
+    fn default() -> Self {
+        let analyzer = |n: u16, weight: f64| AnalyzerEntry {
+            id: format!("analyzer-{n}"),
+            weight,
+            endpoint: format!("http://127.0.0.1:{}", 8081 + n),
+            timeout_ms: default_timeout_ms(),
+            retry_count: default_retry_count(),
+        };
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8081,
+            data_dir: PathBuf::from("data/distributor"),
+            wal: WalSettings::default(),
+            limits: LimitSettings::default(),
+            dispatch: DispatchSettings::default(),
+            analyzers: vec![analyzer(1, 0.5), analyzer(2, 0.3), analyzer(3, 0.2)],
+        }
+    }
+}
+
+impl Validate for DistributorSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.analyzers.is_empty() {
+            return invalid("`analyzers` must list at least one analyzer");
+        }
+        if self.analyzers.len() > 64 {
+            return invalid("`analyzers` lists more than 64 analyzers");
+        }
+        let mut ids = HashSet::new();
+        for (i, a) in self.analyzers.iter().enumerate() {
+            if a.id.trim().is_empty() {
+                return invalid(format!("`analyzers[{i}].id` must not be empty"));
+            }
+            if !ids.insert(a.id.as_str()) {
+                return invalid(format!("`analyzers[{i}].id`: duplicate id {:?}", a.id));
+            }
+            if !a.weight.is_finite() || a.weight < 0.0 {
+                return invalid(format!(
+                    "`analyzers[{i}].weight` of {:?} must be a finite number >= 0, got {}",
+                    a.id, a.weight
+                ));
+            }
+            check_endpoint(&a.endpoint)
+                .or_else(|e| invalid(format!("`analyzers[{i}].endpoint` of {:?}: {e}", a.id)))?;
+            if a.timeout_ms == 0 {
+                return invalid(format!("`analyzers[{i}].timeout_ms` must be > 0"));
+            }
+        }
+        if !self.analyzers.iter().any(|a| a.weight > 0.0) {
+            return invalid("`analyzers`: no analyzer has a positive weight");
+        }
+        let d = &self.dispatch;
+        for (key, value) in [
+            ("dispatch.batch_max_messages", d.batch_max_messages as u64),
+            ("dispatch.max_in_flight_batches", d.max_in_flight_batches as u64),
+            ("dispatch.window_records", d.window_records as u64),
+            ("dispatch.redelivery_interval_ms", d.redelivery_interval_ms),
+            ("dispatch.health_interval_ms", d.health_interval_ms),
+            ("dispatch.unhealthy_after_failures", u64::from(d.unhealthy_after_failures)),
+            ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
+            ("limits.max_messages_per_packet", self.limits.max_messages_per_packet as u64),
+            ("limits.max_id_bytes", self.limits.max_id_bytes as u64),
+            ("wal.max_pending_messages", self.wal.max_pending_messages),
+        ] {
+            if value == 0 {
+                return invalid(format!("`{key}` must be > 0"));
+            }
+        }
+        if d.backoff_initial_ms > d.backoff_max_ms {
+            return invalid("`dispatch.backoff_initial_ms` must not exceed `dispatch.backoff_max_ms`");
+        }
+        Ok(())
+    }
+}
+
+/// Accepts `http://host[:port][/path]` and `https://...`, with a non-empty host and a numeric port.
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .ok_or_else(|| format!("{endpoint:?} must start with http:// or https://"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err(format!("{endpoint:?} has no valid host"));
+    }
+    if let Some(p) = port {
+        p.parse::<u16>()
+            .map_err(|_| format!("{endpoint:?} has an invalid port {p:?}"))?;
+    }
+    Ok(())
+}
+
+/// Everything an analyzer needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyzerSettings {
+    /// Name reported in `/status`; the distributor's config refers to analyzers by the same name.
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    /// Packets remembered for de-duplication and `/audit`. Beyond it the oldest are forgotten
+    /// (and `/status` says how many), so memory stays bounded.
+    pub dedup_capacity_packets: usize,
+}
+
+impl Default for AnalyzerSettings {
+    fn default() -> Self {
+        Self {
+            id: "analyzer-1".into(),
+            host: "127.0.0.1".into(),
+            port: 8082,
+            dedup_capacity_packets: 1_000_000,
+        }
+    }
+}
+
+impl Validate for AnalyzerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.id.trim().is_empty() {
+            return invalid("`id` must not be empty");
+        }
+        if self.dedup_capacity_packets == 0 {
+            return invalid("`dedup_capacity_packets` must be > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Everything the emitter needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmitterSettings {
+    pub host: String,
+    pub port: u16,
+    /// Base URL of the distributor; packets go to `{distributor_url}/logs`.
+    pub distributor_url: String,
+    /// Emitter identities one `POST /generate` sends as (`emitter-1` ...).
+    pub emitters: u32,
+    /// Messages per packet.
+    pub messages_per_packet: u32,
+    /// Messages per second sent by continuous generation (`POST /start`).
+    pub rate_messages_per_sec: u32,
+    /// Timeout of one `POST /logs`.
+    pub request_timeout_ms: u64,
+    /// Longest wait between two tries of the same packet (a `Retry-After` may ask for longer).
+    pub max_backoff_ms: u64,
+    /// Acknowledged packets remembered for `GET /acknowledged` (oldest forgotten beyond it).
+    pub acknowledged_log_capacity: usize,
+}
+
+impl Default for EmitterSettings {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            distributor_url: "http://127.0.0.1:8081".into(),
+            emitters: 5,
+            messages_per_packet: 50,
+            rate_messages_per_sec: 1000,
+            request_timeout_ms: 5000,
+            max_backoff_ms: 2000,
+            acknowledged_log_capacity: 2_000_000,
+        }
+    }
+}
+
+impl Validate for EmitterSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_endpoint(&self.distributor_url)
+            .or_else(|e| invalid(format!("`distributor_url`: {e}")))?;
+        for (key, value) in [
+            ("emitters", u64::from(self.emitters)),
+            ("messages_per_packet", u64::from(self.messages_per_packet)),
+            ("rate_messages_per_sec", u64::from(self.rate_messages_per_sec)),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("max_backoff_ms", self.max_backoff_ms),
+        ] {
+            if value == 0 {
+                return invalid(format!("`{key}` must be > 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Flags shared by every service binary, merged last. `None` leaves the lower layers' value.
+#[derive(Debug, Default, Serialize)]
+pub struct CommonFlags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Where a service looks for its file when `--config` is not given: `config/<name>.toml` if it
+/// exists in the working directory.
+pub fn default_file(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(format!("config/{name}.toml"));
+    path.is_file().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_dist(jail: &Jail, toml: &str) -> Result<DistributorSettings, ConfigError> {
+        jail.create_file("d.toml", toml).unwrap();
+        load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &CommonFlags::default())
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_env_flags() {
+        Jail::expect_with(|jail| {
+            jail.create_file("d.toml", "port = 9000\nhost = \"0.0.0.0\"\n[wal]\nfsync = false\n")?;
+            jail.set_env("DISTRIBUTOR_PORT", "9001");
+            jail.set_env("DISTRIBUTOR_WAL__CACHE_CAPACITY_MB", "16");
+            let s: DistributorSettings =
+                load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &CommonFlags::default()).unwrap();
+            assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9001));
+            assert!(!s.wal.fsync);
+            assert_eq!(s.wal.cache_capacity_mb, 16);
+            assert_eq!(s.analyzers.len(), 3, "defaults survive");
+            let flags = CommonFlags {
+                port: Some(9002),
+                host: None,
+            };
+            let s: DistributorSettings = load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &flags).unwrap();
+            assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9002));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_analyzer_lists_are_refused_naming_the_key() {
+        Jail::expect_with(|jail| {
+            let entry = |id: &str, w: &str, ep: &str| {
+                format!("[[analyzers]]\nid = \"{id}\"\nweight = {w}\nendpoint = \"{ep}\"\n")
+            };
+            let cases = [
+                (entry("a", "0.0", "http://x:1") + &entry("b", "0", "http://y:2"), "no analyzer has a positive weight"),
+                (entry("a", "1", "http://x:1") + &entry("a", "1", "http://y:2"), "duplicate id"),
+                (entry("a", "1", "ftp://x:1"), "analyzers[0].endpoint"),
+                (entry("a", "1", "http://:80"), "no valid host"),
+                (entry("a", "1", "http://x:99999"), "invalid port"),
+                (entry("a", "-1", "http://x:1"), "analyzers[0].weight"),
+                ("analyzers = []\n".to_string(), "at least one"),
+                ("prot = 1\n".to_string(), "prot"),
+            ];
+            for (toml, needle) in cases {
+                let err = load_dist(jail, &toml).unwrap_err().to_string();
+                assert!(err.contains(needle), "{toml:?} -> {err} (wanted {needle})");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error_not_a_silent_default() {
+        let err = load::<AnalyzerSettings, _>(
+            Some(Path::new("/nonexistent/a.toml")),
+            "ANALYZER_",
+            &CommonFlags::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn default_settings_are_valid() {
+        DistributorSettings::default().validate().unwrap();
+        AnalyzerSettings::default().validate().unwrap();
+        EmitterSettings::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,92 @@
+//! Group commit: many concurrent requests share one WAL flush.
+//!
+//! A request appends its packet, then asks [`GroupCommit::wait_durable`]. The committer task takes
+//! every request waiting at that moment, runs ONE flush on a blocking thread, and answers them all.
+//! A request's append happened before it queued, and the committer drains the queue before it
+//! flushes, so the flush covers every request it answers: "acknowledged" still means "flushed"
+//! (invariant 1), at the cost of one fsync per group instead of one per request.
+//!
+//! After each flush the dispatcher is woken: the durable horizon moved, there is work.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::wal::Wal;
+
+/// Why a request could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// The flush failed (e.g. disk full); nothing in its group may be acknowledged.
+    #[error("WAL flush failed: {message}")]
+    Flush { message: String, disk_full: bool },
+    /// The committer is gone (the service is stopping).
+    #[error("the WAL is shutting down")]
+    Closed,
+}
+
+type Waiter = oneshot::Sender<Result<(), CommitError>>;
+
+/// Handle to the committer task. Cheap to clone; the task ends when every handle is dropped.
+#[derive(Clone)]
+pub struct GroupCommit {
+    tx: mpsc::UnboundedSender<Waiter>,
+}
+
+impl GroupCommit {
+    /// Start the committer. With `fsync` false, nothing is flushed before acknowledging
+    /// (the guarantee is broken on purpose, for measurements).
+    pub fn start(wal: Wal, fsync: bool, durable: Arc<Notify>) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(committer(wal, fsync, durable, rx));
+        (Self { tx }, task)
+    }
+
+    /// Wait until everything this caller appended before calling is durable.
+    pub async fn wait_durable(&self) -> Result<(), CommitError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).map_err(|_| CommitError::Closed)?;
+        rx.await.map_err(|_| CommitError::Closed)?
+    }
+}
+
+async fn committer(
+    wal: Wal,
+    fsync: bool,
+    durable: Arc<Notify>,
+    mut rx: mpsc::UnboundedReceiver<Waiter>,
+) {
+    let mut group = Vec::new();
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        let result = if fsync {
+            let wal = wal.clone();
+            match tokio::task::spawn_blocking(move || wal.flush()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(CommitError::Flush {
+                    disk_full: e.is_disk_full(),
+                    message: e.to_string(),
+                }),
+                Err(e) => Err(CommitError::Flush {
+                    message: format!("flush task failed: {e}"),
+                    disk_full: false,
+                }),
+            }
+        } else {
+            wal.mark_written_as_durable();
+            Ok(())
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, waiting = group.len(), "WAL flush failed; refusing the group");
+        } else {
+            durable.notify_one();
+        }
+        for waiter in group.drain(..) {
+            // A waiter that went away (client disconnected) needs no answer.
+            let _ = waiter.send(result.clone());
+        }
+    }
+}

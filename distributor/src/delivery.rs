@@ -1,0 +1,117 @@
+//! Talking to analyzers: one batch send with timeout, retries and exponential backoff, and the
+//! active health probe.
+//!
+//! A send succeeds only on a 2xx: that answer is what allows the dispatcher to remove the batch's
+//! records from the WAL (invariant 2). Anything else — a refused connection, a timeout, a 503 from
+//! a disabled analyzer, a 4xx — is a failure, retried `retry_count` times with backoff and then
+//! reported, so the records go to the redelivery worker instead of being dropped.
+
+use std::time::Duration;
+
+use actix_web::web::Bytes;
+use backon::{ExponentialBuilder, Retryable};
+
+/// How one analyzer is reached.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `{endpoint}/analyze`.
+    pub analyze_url: String,
+    /// `{endpoint}/health`.
+    pub health_url: String,
+    pub timeout: Duration,
+    pub retry_count: u32,
+}
+
+impl Endpoint {
+    pub fn new(base: &str, timeout: Duration, retry_count: u32) -> Self {
+        let base = base.trim_end_matches('/');
+        Self {
+            analyze_url: format!("{base}/analyze"),
+            health_url: format!("{base}/health"),
+            timeout,
+            retry_count,
+        }
+    }
+}
+
+/// Backoff between retries of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+/// Why a batch was not acknowledged, after all its retries.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    /// The analyzer answered, but not 2xx (503 while disabled).
+    #[error("analyzer answered {status}")]
+    Status { status: u16 },
+    /// No answer: connection refused or reset, or the timeout elapsed.
+    #[error("analyzer unreachable: {0}")]
+    Transport(String),
+}
+
+/// POST one batch, retrying `retry_count` times with exponential backoff.
+pub async fn send_batch(
+    http: &reqwest::Client,
+    endpoint: &Endpoint,
+    body: Bytes,
+    backoff: Backoff,
+) -> Result<(), SendFailure> {
+    let attempt = || async {
+        let response = http
+            .post(&endpoint.analyze_url)
+            .header("content-type", "application/json")
+            .timeout(endpoint.timeout)
+            .body(body.clone())
+            .send()
+            .await
+            .map_err(|e| SendFailure::Transport(error_chain(&e)))?;
+        let status = response.status();
+        // Drain the (small) answer so the connection can be reused.
+        let _ = response.bytes().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(SendFailure::Status {
+                status: status.as_u16(),
+            })
+        }
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(backoff.initial)
+                .with_max_delay(backoff.max)
+                .with_max_times(endpoint.retry_count as usize),
+        )
+        .notify(|err, after| {
+            tracing::debug!(url = %endpoint.analyze_url, %err, ?after, "send failed; retrying");
+        })
+        .await
+}
+
+/// `GET /health`: true on a 2xx within the timeout.
+pub async fn probe(http: &reqwest::Client, endpoint: &Endpoint) -> bool {
+    match http
+        .get(&endpoint.health_url)
+        .timeout(endpoint.timeout)
+        .send()
+        .await
+    {
+        Ok(r) => r.status().is_success(),
+        Err(_) => false,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

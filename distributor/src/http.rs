@@ -1,0 +1,301 @@
+//! The distributor's HTTP API.
+//!
+//! `POST /logs` (alias `POST /ingest`) is the only path that changes anything. It parses the body
+//! into a checked [`Packet`] (every refusal is a 4xx with `{"error": ".."}` naming the problem),
+//! appends it to the WAL, waits for the group flush and only then answers 202 (invariant 1). A bad
+//! request is refused before it touches the WAL, so it cannot harm what was accepted (invariant 7).
+//!
+//! `GET /queue`, `GET /stats` and `GET /health` read counters; they never wait on the dispatcher.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use logdist_proto::{parse_packet, Limits, PacketError};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::commit::{CommitError, GroupCommit};
+use crate::stats::{now_ms, Shared};
+use crate::wal::{Appended, Wal, WalError};
+
+/// What every handler shares.
+pub struct AppState {
+    pub wal: Wal,
+    pub commit: GroupCommit,
+    pub shared: Arc<Shared>,
+    pub limits: Limits,
+    pub max_body_bytes: usize,
+    pub max_pending_messages: u64,
+    pub new_records: Arc<Notify>,
+}
+
+/// Every way a request can fail; each maps to a status and a JSON body `{"error": ".."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not declared as JSON (415).
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// The body is larger than `limits.max_body_bytes` (413).
+    #[error("body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// The body could not be read (400), e.g. the client sent less than it announced.
+    #[error("cannot read the body: {0}")]
+    Body(String),
+    /// The packet is malformed (400).
+    #[error(transparent)]
+    BadPacket(#[from] PacketError),
+    /// The WAL holds more than its bound (503 + Retry-After): nothing was stored.
+    #[error("the WAL holds {pending} pending messages, at its bound of {limit}; retry later")]
+    Backpressure { pending: u64, limit: u64 },
+    /// The disk is full (507): nothing was acknowledged; retry once space is back.
+    #[error("the WAL's disk is full: {0}")]
+    DiskFull(String),
+    /// The WAL failed to store or flush (503): nothing was acknowledged; retry.
+    #[error("the WAL could not store the packet: {0}")]
+    Storage(String),
+    /// No such route (404).
+    #[error("no route for {method} {path}")]
+    NotFound { method: String, path: String },
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Body(_) | ApiError::BadPacket(_) => StatusCode::BAD_REQUEST,
+            ApiError::Backpressure { .. } | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if matches!(
+            self,
+            ApiError::Backpressure { .. } | ApiError::Storage(_) | ApiError::DiskFull(_)
+        ) {
+            response.insert_header((header::RETRY_AFTER, "1"));
+        }
+        response.json(json!({ "error": self.to_string() }))
+    }
+}
+
+impl From<WalError> for ApiError {
+    fn from(e: WalError) -> Self {
+        if e.is_disk_full() {
+            ApiError::DiskFull(e.to_string())
+        } else {
+            ApiError::Storage(e.to_string())
+        }
+    }
+}
+
+impl From<CommitError> for ApiError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Flush {
+                disk_full: true,
+                message,
+            } => ApiError::DiskFull(message),
+            other => ApiError::Storage(other.to_string()),
+        }
+    }
+}
+
+/// Register every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/logs", web::post().to(accept_packet))
+        .route("/ingest", web::post().to(accept_packet))
+        .route("/queue", web::get().to(queue))
+        .route("/stats", web::get().to(stats))
+        .route("/health", web::get().to(health))
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    ApiError::NotFound {
+        method: req.method().to_string(),
+        path: req.path().to_string(),
+    }
+    .error_response()
+}
+
+fn is_json(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::BytesMut, ApiError> {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if announced.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut body = web::BytesMut::with_capacity(announced.unwrap_or(16 * 1024).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Body(e.to_string()))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn accept_packet(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let result = accept_packet_inner(&req, payload, &state).await;
+    if result.is_err() {
+        state.shared.rejected_requests.fetch_add(1, Relaxed);
+    }
+    result
+}
+
+async fn accept_packet_inner(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    if !is_json(req) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let packet = parse_packet(&body, &state.limits)?;
+    let pending = state.wal.pending_messages();
+    if pending + u64::from(packet.count) > state.max_pending_messages {
+        return Err(ApiError::Backpressure {
+            pending,
+            limit: state.max_pending_messages,
+        });
+    }
+    // Synchronous and short (an in-memory sled batch); no lock is held across the await below.
+    let appended = state.wal.append(&packet, now_ms())?;
+    // A duplicate waits for the flush too: the first copy may still be on its way to disk.
+    state.commit.wait_durable().await?;
+    let (status, duplicate) = match appended {
+        Appended::New { .. } => {
+            state.shared.accepted_packets.fetch_add(1, Relaxed);
+            state
+                .shared
+                .accepted_messages
+                .fetch_add(u64::from(packet.count), Relaxed);
+            (StatusCode::ACCEPTED, false)
+        }
+        Appended::Duplicate { .. } => {
+            state.shared.duplicate_packets.fetch_add(1, Relaxed);
+            (StatusCode::OK, true)
+        }
+    };
+    let mut answer = json!({
+        "status": "accepted",
+        "packet_id": packet.packet_id,
+        "count": packet.count,
+    });
+    if duplicate {
+        answer["duplicate"] = json!(true);
+    }
+    Ok(HttpResponse::build(status).json(answer))
+}
+
+async fn queue(state: web::Data<AppState>) -> HttpResponse {
+    let s = &state.shared;
+    let oldest = s.oldest_accepted_at_ms.load(Relaxed);
+    let by_analyzer: serde_json::Map<String, serde_json::Value> = s
+        .analyzers
+        .iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                json!({
+                    "queued": a.queued_messages.load(Relaxed),
+                    "in_flight": a.in_flight_messages.load(Relaxed),
+                }),
+            )
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "size": state.wal.pending_messages(),
+        "records": state.wal.pending_records(),
+        "oldest_age_ms": if oldest == 0 { 0 } else { now_ms().saturating_sub(oldest) },
+        "in_flight": s.in_flight_messages(),
+        "awaiting_redelivery": s.awaiting_redelivery_messages.load(Relaxed),
+        "unassigned": s.unassigned_messages.load(Relaxed),
+        "by_analyzer": by_analyzer,
+    }))
+}
+
+async fn stats(state: web::Data<AppState>) -> HttpResponse {
+    let s = &state.shared;
+    let by_analyzer: serde_json::Map<String, serde_json::Value> = s
+        .analyzers
+        .iter()
+        .map(|a| (a.id.clone(), json!(a.acknowledged_messages.load(Relaxed))))
+        .collect();
+    HttpResponse::Ok().json(json!({
+        "accepted": {
+            "packets": s.accepted_packets.load(Relaxed),
+            "messages": s.accepted_messages.load(Relaxed),
+        },
+        "duplicate_packets": s.duplicate_packets.load(Relaxed),
+        "rejected_requests": s.rejected_requests.load(Relaxed),
+        "acknowledged": {
+            "total": s.acknowledged_messages(),
+            "by_analyzer": by_analyzer,
+        },
+        "redelivered_messages": s.redelivered_messages.load(Relaxed),
+        "wal": {
+            "pending_messages": state.wal.pending_messages(),
+            "pending_records": state.wal.pending_records(),
+            "bytes_on_disk": state.wal.size_on_disk(),
+        },
+    }))
+}
+
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let s = &state.shared;
+    let usable_weight: f64 = s
+        .analyzers
+        .iter()
+        .filter(|a| a.healthy.load(Relaxed))
+        .map(|a| a.weight)
+        .sum();
+    let analyzers: Vec<serde_json::Value> = s
+        .analyzers
+        .iter()
+        .map(|a| {
+            let healthy = a.healthy.load(Relaxed);
+            json!({
+                "id": a.id,
+                "endpoint": a.endpoint,
+                "weight": a.weight,
+                "share": if healthy && usable_weight > 0.0 { a.weight / usable_weight } else { 0.0 },
+                "healthy": healthy,
+                "consecutive_failures": a.consecutive_failures.load(Relaxed),
+            })
+        })
+        .collect();
+    let any_healthy = usable_weight > 0.0;
+    HttpResponse::Ok().json(json!({
+        "status": if any_healthy { "ok" } else { "degraded" },
+        "analyzers": analyzers,
+        "pending": state.wal.pending_messages(),
+    }))
+}
