@@ -36,7 +36,11 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Start the committer. With `fsync` false, nothing is flushed before acknowledging
     /// (the guarantee is broken on purpose, for measurements).
-    pub fn start(wal: Wal, fsync: bool, durable: Arc<Notify>) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn start(
+        wal: Wal,
+        fsync: bool,
+        durable: Arc<Notify>,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(committer(wal, fsync, durable, rx));
         (Self { tx }, task)

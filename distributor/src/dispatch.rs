@@ -254,7 +254,10 @@ impl Dispatcher {
             if self.choose(seq).is_none() {
                 break;
             }
-            moved += self.window.get(&seq).map_or(0, |p| u64::from(p.record.count));
+            moved += self
+                .window
+                .get(&seq)
+                .map_or(0, |p| u64::from(p.record.count));
         }
         if moved > 0 {
             self.shared.redelivered_messages.fetch_add(moved, Relaxed);

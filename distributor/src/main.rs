@@ -38,7 +38,9 @@ struct Flags {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let file = cli.config.or_else(|| logdist_config::default_file("distributor"));
+    let file = cli
+        .config
+        .or_else(|| logdist_config::default_file("distributor"));
     let flags = Flags {
         common: CommonFlags {
             host: cli.host,
@@ -56,5 +58,9 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(distributor::run(listener, settings, distributor::telemetry::shutdown_signal()))
+        .block_on(distributor::run(
+            listener,
+            settings,
+            distributor::telemetry::shutdown_signal(),
+        ))
 }

@@ -98,7 +98,10 @@ mod tests {
     fn shares_are_exact_over_a_full_cycle() {
         let mut s = Selector::new(vec![0.5, 0.3, 0.2]);
         assert_eq!(run(&mut s, ALL, 10, 1), vec![5, 3, 2]);
-        assert_eq!(run(&mut s, ALL, 10_000, 50), vec![250_000, 150_000, 100_000]);
+        assert_eq!(
+            run(&mut s, ALL, 10_000, 50),
+            vec![250_000, 150_000, 100_000]
+        );
     }
 
     #[test]
@@ -111,7 +114,11 @@ mod tests {
     fn the_sequence_is_smooth_not_bursty() {
         let mut s = Selector::new(vec![5.0, 1.0, 1.0]);
         let seq: Vec<usize> = (0..7).map(|_| s.pick(ALL, 1).unwrap()).collect();
-        assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0], "nginx's classic a a b a c a a");
+        assert_eq!(
+            seq,
+            vec![0, 0, 1, 0, 2, 0, 0],
+            "nginx's classic a a b a c a a"
+        );
     }
 
     #[test]

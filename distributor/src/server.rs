@@ -47,7 +47,8 @@ pub async fn run(
 
     let shared = Arc::new(Shared::new(&settings.analyzers));
     let new_records = Arc::new(Notify::new());
-    let (commit, commit_task) = GroupCommit::start(wal.clone(), settings.wal.fsync, new_records.clone());
+    let (commit, commit_task) =
+        GroupCommit::start(wal.clone(), settings.wal.fsync, new_records.clone());
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(settings.dispatch.max_in_flight_batches * 2)

@@ -544,7 +544,8 @@ mod tests {
         }
         // seq 0 pending: nothing may be trimmed.
         assert_eq!(wal.trim_dedup().unwrap(), 0);
-        wal.remove_delivered(&[(0, 1), (1, 1), (2, 1), (3, 1)]).unwrap();
+        wal.remove_delivered(&[(0, 1), (1, 1), (2, 1), (3, 1)])
+            .unwrap();
         assert_eq!(wal.trim_dedup().unwrap(), 3, "keeps the last 2 of 5");
         assert_eq!(append(&wal, "e", "p0", 1), Appended::New { seq: 5 });
         assert_eq!(append(&wal, "e", "p4", 1), Appended::Duplicate { seq: 4 });
@@ -557,7 +558,10 @@ mod tests {
             let (wal, _) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
             append(&wal, "e", "p0", 2);
             append(&wal, "e", "p1", 3);
-            wal.inner.db.insert(key(RECORD, 0), &b"\x01garbage"[..]).unwrap();
+            wal.inner
+                .db
+                .insert(key(RECORD, 0), &b"\x01garbage"[..])
+                .unwrap();
             wal.flush().unwrap();
         }
         let (wal, rec) = Wal::open(dir.path(), 1 << 20, 100).unwrap();

@@ -1,0 +1,100 @@
+//! `analyzer` binary: flags and settings, tracing, bind, then [`analyzer::run`] until SIGTERM or
+//! Ctrl-C. Everything else lives in the library so tests can run the real server.
+
+use anyhow::Context;
+use clap::Parser;
+use logdist_config::{AnalyzerSettings, CommonFlags};
+use serde::Serialize;
+use std::path::PathBuf;
+use tracing_subscriber::EnvFilter;
+
+/// Receives batches of log messages, processes each message once per identity and keeps bounded
+/// statistics. Settings are layered: defaults, then the TOML file, then `ANALYZER_*` environment
+/// variables (e.g. `ANALYZER_ID`, `ANALYZER_DEDUP_CAPACITY_PACKETS`), then these flags.
+#[derive(Debug, Parser)]
+#[command(name = "analyzer", version)]
+struct Args {
+    /// TOML settings file [default: config/analyzer.toml if it exists in the working directory].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Name of this analyzer, as the distributor's config refers to it (overrides `id`).
+    #[arg(long)]
+    id: Option<String>,
+    /// Address to listen on (overrides `host`).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one (overrides `port`).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+/// The flags layer of the settings; unset flags leave the lower layers' values.
+#[derive(Serialize)]
+struct Flags {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(flatten)]
+    common: CommonFlags,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        // stdout carries exactly one line, `listening on <addr>`, for whoever started us.
+        .with_writer(std::io::stderr)
+        .init();
+
+    let file = args
+        .config
+        .or_else(|| logdist_config::default_file("analyzer"));
+    let flags = Flags {
+        id: args.id,
+        common: CommonFlags {
+            host: args.host,
+            port: args.port,
+        },
+    };
+    let settings: AnalyzerSettings = logdist_config::load(file.as_deref(), "ANALYZER_", &flags)
+        .context("cannot load settings")?;
+    let listener = std::net::TcpListener::bind((settings.host.as_str(), settings.port))
+        .with_context(|| format!("cannot bind {}:{}", settings.host, settings.port))?;
+    let addr = listener
+        .local_addr()
+        .context("bound listener has no address")?;
+    println!("listening on {addr}");
+
+    analyzer::run(listener, settings, shutdown_signal()).await
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
