@@ -1,0 +1,390 @@
+//! `emitter`: parses flags, sets up logging, and calls into the library. No logic lives here.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use emitter::generate::{emitter_id, Generator};
+use emitter::verify;
+use emitter::{DistributorClient, Ledger};
+use logdist_config::{CommonFlags, EmitterSettings};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Generates log packets for a logdist distributor, sends each until acknowledged, and verifies
+/// delivery and weighted distribution.
+///
+/// Without a subcommand it runs `serve`.
+#[derive(Debug, Parser)]
+#[command(name = "emitter", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the emitter's HTTP API (POST /generate, /start, /stop; GET /stats, /acknowledged).
+    ///
+    /// Prints one line `listening on <addr>` on stdout, logs on stderr, and runs until SIGTERM or
+    /// Ctrl-C. Settings: defaults, then the config file, then EMITTER_* variables, then flags.
+    Serve(ServeArgs),
+    /// Send N messages once, each packet retried until acknowledged, and print a summary.
+    ///
+    /// Exit code 1 if any packet was refused for good.
+    Send(SendArgs),
+    /// Check that each analyzer's share of processed messages matches its weight.
+    ///
+    /// Weights and endpoints come from the distributor's GET /health (endpoints can be overridden
+    /// with --analyzer); counts from each analyzer's GET /processed. Exit code 1 if a share is
+    /// beyond the tolerance, 2 if something could not be fetched.
+    VerifyWeights(VerifyWeightsArgs),
+    /// Check that every message the distributor acknowledged reached an analyzer.
+    ///
+    /// Compares the emitter's GET /acknowledged with every analyzer's GET /audit. Exit code 1 if an
+    /// acknowledged message is missing from every audit, 2 if something could not be fetched.
+    VerifyDelivery(VerifyDeliveryArgs),
+}
+
+#[derive(Debug, Args, Default)]
+struct SettingsArgs {
+    /// TOML settings file (default: config/emitter.toml if it exists).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Base URL of the distributor, e.g. http://127.0.0.1:8081.
+    #[arg(long, value_name = "URL")]
+    distributor_url: Option<String>,
+}
+
+#[derive(Debug, Args, Default)]
+struct ServeArgs {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Address to listen on.
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Number of messages to send.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: u64,
+    #[command(flatten)]
+    settings: SettingsArgs,
+    /// Messages per packet (default: messages_per_packet from the settings, 50).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    packet_size: Option<u32>,
+    /// Packets in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrency: u16,
+    /// Give up on a packet after this many seconds without an acknowledgement (default: never).
+    #[arg(long, value_name = "SECS")]
+    deadline: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct VerifyWeightsArgs {
+    /// Base URL of the distributor, whose GET /health lists analyzers and weights.
+    #[arg(long, value_name = "URL")]
+    distributor: String,
+    /// Use this endpoint for analyzer ID instead of the one /health reports (repeatable).
+    #[arg(long, value_name = "ID=URL", value_parser = parse_analyzer_override)]
+    analyzer: Vec<(String, String)>,
+    /// Largest accepted |share - expected|, in percentage points.
+    #[arg(long, default_value_t = 1.0)]
+    tolerance: f64,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("analyzers").required(true).multiple(true).args(["analyzer", "distributor"])))]
+struct VerifyDeliveryArgs {
+    /// Base URL of the emitter whose GET /acknowledged is checked.
+    #[arg(long, value_name = "URL")]
+    emitter: String,
+    /// An analyzer's base URL, optionally as ID=URL (repeatable).
+    #[arg(long, value_name = "URL")]
+    analyzer: Vec<String>,
+    /// Discover analyzer endpoints from this distributor's GET /health.
+    #[arg(long, value_name = "URL")]
+    distributor: Option<String>,
+}
+
+/// Flags merged last over the file and environment; unset flags leave lower layers alone.
+#[derive(Debug, Default, Serialize)]
+struct SettingsFlags {
+    #[serde(flatten)]
+    common: CommonFlags,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    distributor_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    messages_per_packet: Option<u32>,
+}
+
+fn parse_analyzer_override(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((id, url)) if !id.is_empty() && !url.is_empty() => Ok((id.to_owned(), url.to_owned())),
+        _ => Err(format!("expected ID=URL, got {s:?}")),
+    }
+}
+
+/// `ID=URL` or a bare URL (then the URL is its id).
+fn split_analyzer(s: &str) -> (String, String) {
+    match s.split_once('=') {
+        Some((id, url)) if !id.contains("://") => (id.to_owned(), url.to_owned()),
+        _ => (s.to_owned(), s.to_owned()),
+    }
+}
+
+fn load_settings(args: &SettingsArgs, flags: SettingsFlags) -> anyhow::Result<EmitterSettings> {
+    let file = args
+        .config
+        .clone()
+        .or_else(|| logdist_config::default_file("emitter"));
+    let flags = SettingsFlags {
+        distributor_url: args.distributor_url.clone(),
+        ..flags
+    };
+    Ok(logdist_config::load::<EmitterSettings, _>(
+        file.as_deref(),
+        "EMITTER_",
+        &flags,
+    )?)
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // stderr: stdout carries only the results (and `listening on`).
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    let fetching = matches!(
+        command,
+        Command::VerifyWeights(_) | Command::VerifyDelivery(_)
+    );
+    let outcome = match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Send(args) => send(args).await,
+        Command::VerifyWeights(args) => verify_weights(args).await,
+        Command::VerifyDelivery(args) => verify_delivery(args).await,
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(if fetching { 2 } else { 1 })
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let flags = SettingsFlags {
+        common: CommonFlags {
+            host: args.host.clone(),
+            port: args.port,
+        },
+        ..SettingsFlags::default()
+    };
+    let settings = load_settings(&args.settings, flags)?;
+    let address = format!("{}:{}", settings.host, settings.port);
+    let listener =
+        std::net::TcpListener::bind(&address).with_context(|| format!("binding {address}"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    println!("listening on {local}");
+    std::io::stdout().flush().context("writing to stdout")?;
+    emitter::run(listener, settings, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let flags = SettingsFlags {
+        messages_per_packet: args.packet_size,
+        ..SettingsFlags::default()
+    };
+    let settings = load_settings(&args.settings, flags)?;
+    let ledger = Arc::new(Ledger::new(0));
+    let client = DistributorClient::new(
+        &settings.distributor_url,
+        Duration::from_millis(settings.request_timeout_ms),
+    )
+    .context("building the HTTP client")?
+    .with_max_backoff(Duration::from_millis(settings.max_backoff_ms))
+    .with_retry_counter(ledger.retry_counter());
+
+    let size = u64::from(settings.messages_per_packet);
+    let emitters = settings.emitters.max(1);
+    let total = args.count;
+    let mut generator = Generator::for_this_run();
+    let packets = (0..total.div_ceil(size)).map(move |n| {
+        let messages = (total - n * size).min(size) as u32;
+        let emitter = emitter_id((n % u64::from(emitters)) as u32 + 1);
+        generator.next_packet(&emitter, messages)
+    });
+    eprintln!(
+        "sending {total} messages in packets of {size} to {}",
+        client.logs_url()
+    );
+
+    let progress = tokio::spawn(report_progress(Arc::clone(&ledger), total));
+    let summary = emitter::sender::send_all(
+        &client,
+        &ledger,
+        packets,
+        usize::from(args.concurrency),
+        args.deadline.map(Duration::from_secs),
+    )
+    .await;
+    progress.abort();
+
+    let retries = ledger.snapshot().retries;
+    let secs = (summary.elapsed_ms as f64 / 1000.0).max(0.001);
+    println!(
+        "sent {} messages in {} packets: {} acknowledged ({} duplicate acks), {} packets failed, {} retries, {:.1} s, {:.0} msg/s",
+        summary.messages,
+        summary.packets,
+        summary.acknowledged_messages,
+        summary.duplicate_acks,
+        summary.failed,
+        retries,
+        secs,
+        summary.acknowledged_messages as f64 / secs
+    );
+    if let Some(error) = &summary.error {
+        eprintln!("first error: {error}");
+    }
+    Ok(if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A progress line on stderr every second.
+async fn report_progress(ledger: Arc<Ledger>, total: u64) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    let mut last = 0;
+    loop {
+        ticker.tick().await;
+        let s = ledger.snapshot();
+        eprintln!(
+            "progress: {}/{} messages acknowledged ({}/s), {} retries",
+            s.messages_acknowledged,
+            total,
+            s.messages_acknowledged - last,
+            s.retries
+        );
+        last = s.messages_acknowledged;
+    }
+}
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(300))
+        .build()
+        .context("building the HTTP client")
+}
+
+async fn verify_weights(args: VerifyWeightsArgs) -> anyhow::Result<ExitCode> {
+    let http = http_client()?;
+    let analyzers = verify::fetch_analyzers(&http, &args.distributor).await?;
+    let mut weights = Vec::new();
+    let mut observed = Vec::new();
+    for a in &analyzers {
+        let endpoint = args
+            .analyzer
+            .iter()
+            .find(|(id, _)| *id == a.id)
+            .map_or(a.endpoint.as_str(), |(_, url)| url.as_str());
+        // A disabled analyzer gets no new messages: it is expected at 0 %.
+        weights.push((a.id.clone(), if a.enabled { a.weight } else { 0.0 }));
+        let processed = verify::fetch_processed(&http, endpoint).await?;
+        observed.push((a.id.clone(), processed.processed));
+    }
+    for (id, _) in &args.analyzer {
+        if !analyzers.iter().any(|a| a.id == *id) {
+            anyhow::bail!("--analyzer {id}: the distributor lists no analyzer with that id");
+        }
+    }
+    let report = verify::verify_weights(&observed, &weights, args.tolerance);
+    print!("{report}");
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn verify_delivery(args: VerifyDeliveryArgs) -> anyhow::Result<ExitCode> {
+    let http = http_client()?;
+    let mut endpoints: Vec<(String, String)> =
+        args.analyzer.iter().map(|s| split_analyzer(s)).collect();
+    if let Some(distributor) = &args.distributor {
+        for a in verify::fetch_analyzers(&http, distributor).await? {
+            if !endpoints
+                .iter()
+                .any(|(id, url)| *id == a.id || *url == a.endpoint)
+            {
+                endpoints.push((a.id, a.endpoint));
+            }
+        }
+    }
+    let acknowledged = verify::fetch_acknowledged(&http, &args.emitter).await?;
+    let mut audits = Vec::with_capacity(endpoints.len());
+    for (id, url) in endpoints {
+        let ids = verify::fetch_audit(&http, &url).await?;
+        audits.push((id, ids));
+    }
+    let report = verify::verify_delivery(&acknowledged, &audits);
+    print!("{report}");
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
