@@ -242,13 +242,22 @@ impl Validate for DistributorSettings {
         let d = &self.dispatch;
         for (key, value) in [
             ("dispatch.batch_max_messages", d.batch_max_messages as u64),
-            ("dispatch.max_in_flight_batches", d.max_in_flight_batches as u64),
+            (
+                "dispatch.max_in_flight_batches",
+                d.max_in_flight_batches as u64,
+            ),
             ("dispatch.window_records", d.window_records as u64),
             ("dispatch.redelivery_interval_ms", d.redelivery_interval_ms),
             ("dispatch.health_interval_ms", d.health_interval_ms),
-            ("dispatch.unhealthy_after_failures", u64::from(d.unhealthy_after_failures)),
+            (
+                "dispatch.unhealthy_after_failures",
+                u64::from(d.unhealthy_after_failures),
+            ),
             ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
-            ("limits.max_messages_per_packet", self.limits.max_messages_per_packet as u64),
+            (
+                "limits.max_messages_per_packet",
+                self.limits.max_messages_per_packet as u64,
+            ),
             ("limits.max_id_bytes", self.limits.max_id_bytes as u64),
             ("wal.max_pending_messages", self.wal.max_pending_messages),
         ] {
@@ -257,7 +266,9 @@ impl Validate for DistributorSettings {
             }
         }
         if d.backoff_initial_ms > d.backoff_max_ms {
-            return invalid("`dispatch.backoff_initial_ms` must not exceed `dispatch.backoff_max_ms`");
+            return invalid(
+                "`dispatch.backoff_initial_ms` must not exceed `dispatch.backoff_max_ms`",
+            );
         }
         Ok(())
     }
@@ -365,7 +376,10 @@ impl Validate for EmitterSettings {
         for (key, value) in [
             ("emitters", u64::from(self.emitters)),
             ("messages_per_packet", u64::from(self.messages_per_packet)),
-            ("rate_messages_per_sec", u64::from(self.rate_messages_per_sec)),
+            (
+                "rate_messages_per_sec",
+                u64::from(self.rate_messages_per_sec),
+            ),
             ("request_timeout_ms", self.request_timeout_ms),
             ("max_backoff_ms", self.max_backoff_ms),
         ] {
@@ -394,23 +408,35 @@ pub fn default_file(name: &str) -> Option<PathBuf> {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
 mod tests {
     use super::*;
     use figment::Jail;
 
     fn load_dist(jail: &Jail, toml: &str) -> Result<DistributorSettings, ConfigError> {
         jail.create_file("d.toml", toml).unwrap();
-        load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &CommonFlags::default())
+        load(
+            Some(Path::new("d.toml")),
+            "DISTRIBUTOR_",
+            &CommonFlags::default(),
+        )
     }
 
     #[test]
     fn layers_apply_in_order_defaults_file_env_flags() {
         Jail::expect_with(|jail| {
-            jail.create_file("d.toml", "port = 9000\nhost = \"0.0.0.0\"\n[wal]\nfsync = false\n")?;
+            jail.create_file(
+                "d.toml",
+                "port = 9000\nhost = \"0.0.0.0\"\n[wal]\nfsync = false\n",
+            )?;
             jail.set_env("DISTRIBUTOR_PORT", "9001");
             jail.set_env("DISTRIBUTOR_WAL__CACHE_CAPACITY_MB", "16");
-            let s: DistributorSettings =
-                load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &CommonFlags::default()).unwrap();
+            let s: DistributorSettings = load(
+                Some(Path::new("d.toml")),
+                "DISTRIBUTOR_",
+                &CommonFlags::default(),
+            )
+            .unwrap();
             assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9001));
             assert!(!s.wal.fsync);
             assert_eq!(s.wal.cache_capacity_mb, 16);
@@ -419,7 +445,8 @@ mod tests {
                 port: Some(9002),
                 host: None,
             };
-            let s: DistributorSettings = load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &flags).unwrap();
+            let s: DistributorSettings =
+                load(Some(Path::new("d.toml")), "DISTRIBUTOR_", &flags).unwrap();
             assert_eq!((s.host.as_str(), s.port), ("0.0.0.0", 9002));
             Ok(())
         });
@@ -432,8 +459,14 @@ mod tests {
                 format!("[[analyzers]]\nid = \"{id}\"\nweight = {w}\nendpoint = \"{ep}\"\n")
             };
             let cases = [
-                (entry("a", "0.0", "http://x:1") + &entry("b", "0", "http://y:2"), "no analyzer has a positive weight"),
-                (entry("a", "1", "http://x:1") + &entry("a", "1", "http://y:2"), "duplicate id"),
+                (
+                    entry("a", "0.0", "http://x:1") + &entry("b", "0", "http://y:2"),
+                    "no analyzer has a positive weight",
+                ),
+                (
+                    entry("a", "1", "http://x:1") + &entry("a", "1", "http://y:2"),
+                    "duplicate id",
+                ),
                 (entry("a", "1", "ftp://x:1"), "analyzers[0].endpoint"),
                 (entry("a", "1", "http://:80"), "no valid host"),
                 (entry("a", "1", "http://x:99999"), "invalid port"),

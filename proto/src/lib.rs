@@ -331,15 +331,42 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             ("not json", "malformed"),
             (r#"{"packet_id":"p","messages":[]}"#, "emitter_id"),
-            (r#"{"emitter_id":"","packet_id":"p","messages":[]}"#, "`emitter_id` must not be empty"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[]}"#, "at least one"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":{}}"#, "must be an array"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"","message":"m"}]}"#, "message 0: `level`"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":-1,"level":"I","message":"m"}]}"#, "`timestamp`"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":"yesterday","level":"I","message":"m"}]}"#, "RFC 3339"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"I","message":""}]}"#, "`message` must not be empty"),
-            (r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"I","message":"m","metadata":3}]}"#, "`metadata` must be an object"),
-            (r#"{"emitter_id":"e","packet_id":5,"messages":[]}"#, "invalid type"),
+            (
+                r#"{"emitter_id":"","packet_id":"p","messages":[]}"#,
+                "`emitter_id` must not be empty",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[]}"#,
+                "at least one",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":{}}"#,
+                "must be an array",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"","message":"m"}]}"#,
+                "message 0: `level`",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":-1,"level":"I","message":"m"}]}"#,
+                "`timestamp`",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":"yesterday","level":"I","message":"m"}]}"#,
+                "RFC 3339",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"I","message":""}]}"#,
+                "`message` must not be empty",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":"p","messages":[{"timestamp":1,"level":"I","message":"m","metadata":3}]}"#,
+                "`metadata` must be an object",
+            ),
+            (
+                r#"{"emitter_id":"e","packet_id":5,"messages":[]}"#,
+                "invalid type",
+            ),
         ];
         for (body, needle) in cases {
             let err = parse_packet(body.as_bytes(), &l).unwrap_err().to_string();
@@ -359,7 +386,10 @@ mod tests {
         let long = r#"{"emitter_id":"abc","packet_id":"p","messages":[{"timestamp":1,"level":"I","message":"m"}]}"#;
         assert!(matches!(
             parse_packet(long.as_bytes(), &l),
-            Err(PacketError::TooLong { field: "emitter_id", .. })
+            Err(PacketError::TooLong {
+                field: "emitter_id",
+                ..
+            })
         ));
     }
 
@@ -368,7 +398,11 @@ mod tests {
         let p = parse_packet(GOOD.as_bytes(), &Limits::default()).unwrap();
         let mut w = BatchWriter::with_capacity(256);
         w.push("e\"1", &p.packet_id, p.raw_messages.as_bytes());
-        w.push("e2", "p9", br#"[{"timestamp":1,"level":"I","message":"x"}]"#);
+        w.push(
+            "e2",
+            "p9",
+            br#"[{"timestamp":1,"level":"I","message":"x"}]"#,
+        );
         let body = w.finish();
         match AnalyzeRequest::parse(&body).unwrap() {
             AnalyzeRequest::Packets(ps) => {

@@ -22,7 +22,9 @@ pub fn check_timestamp(raw: &str) -> Result<(), TimestampError> {
         } else {
             Err(TimestampError::NotRfc3339(s))
         }
-    } else if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_digit()) && raw.parse::<u64>().is_ok()
+    } else if !raw.is_empty()
+        && raw.bytes().all(|b| b.is_ascii_digit())
+        && raw.parse::<u64>().is_ok()
     {
         Ok(())
     } else {
@@ -53,7 +55,11 @@ fn is_rfc3339(s: &str) -> bool {
     ) else {
         return false;
     };
-    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':'
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return false;
     }
