@@ -52,6 +52,13 @@ impl GroupCommit {
         self.tx.send(tx).map_err(|_| CommitError::Closed)?;
         rx.await.map_err(|_| CommitError::Closed)?
     }
+
+    /// Ask for a flush without waiting for it. The dispatcher calls this after removing delivered
+    /// records, so that a crash soon after resurrects (and re-delivers) as few of them as possible.
+    pub fn flush_soon(&self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.tx.send(tx);
+    }
 }
 
 async fn committer(

@@ -34,6 +34,7 @@ use actix_web::web::Bytes;
 use logdist_proto::BatchWriter;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::commit::GroupCommit;
 use crate::delivery::{self, Backoff, Endpoint, SendFailure};
 use crate::selector::{slot_bit, Selector, SlotSet};
 use crate::stats::Shared;
@@ -86,6 +87,7 @@ pub type HealthReport = (usize, bool);
 
 pub struct Dispatcher {
     wal: Wal,
+    commit: GroupCommit,
     shared: Arc<Shared>,
     cfg: DispatchConfig,
     http: reqwest::Client,
@@ -102,6 +104,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub fn new(
         wal: Wal,
+        commit: GroupCommit,
         shared: Arc<Shared>,
         endpoints: Vec<Arc<Endpoint>>,
         cfg: DispatchConfig,
@@ -123,6 +126,7 @@ impl Dispatcher {
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         Self {
             wal,
+            commit,
             shared,
             cfg,
             http,
@@ -355,6 +359,7 @@ impl Dispatcher {
                     // (duplicates, counted by the analyzers), never lost.
                     tracing::error!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL");
                 }
+                self.commit.flush_soon();
                 view.acknowledged_messages.fetch_add(messages, Relaxed);
                 view.consecutive_failures.store(0, Relaxed);
                 self.slots[slot].consecutive_failures = 0;

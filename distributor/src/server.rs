@@ -86,7 +86,14 @@ pub async fn run(
         health_tx,
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dispatcher = Dispatcher::new(wal.clone(), shared.clone(), endpoints, cfg, http);
+    let dispatcher = Dispatcher::new(
+        wal.clone(),
+        commit.clone(),
+        shared.clone(),
+        endpoints,
+        cfg,
+        http,
+    );
     let dispatch_task = tokio::spawn(dispatcher.run(new_records.clone(), health_rx, stop_rx));
 
     let state = web::Data::new(AppState {
@@ -125,7 +132,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     dispatch_task.await?;
     prober.abort();
-    // Every handle of the committer lived in the server's app data, now dropped.
+    // The other handles of the committer lived in the server's app data and the dispatcher.
     let _ = tokio::time::timeout(Duration::from_secs(5), commit_task).await;
     tokio::task::spawn_blocking(move || wal.flush()).await??;
     tracing::info!("WAL flushed; distributor stopped");
