@@ -58,6 +58,11 @@ where
     Ok(settings)
 }
 
+/// Longest `emitter_id` / `packet_id` any service accepts, in bytes.
+pub const MAX_ID_BYTES: usize = 128;
+/// Largest packet body (and analyzer batch) the distributor may be configured to take.
+pub const MAX_PACKET_BYTES: usize = 32 * 1024 * 1024;
+
 fn invalid<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError::Invalid(msg.into()))
 }
@@ -143,10 +148,16 @@ impl Default for LimitSettings {
 pub struct DispatchSettings {
     /// Most messages in one `POST /analyze`.
     pub batch_max_messages: usize,
+    /// Most bytes in one `POST /analyze` (a batch always carries at least one packet). Keep it
+    /// well below the analyzers' body limit (64 MiB).
+    pub batch_max_bytes: usize,
     /// Most batches in flight to one analyzer at once.
     pub max_in_flight_batches: usize,
     /// Most WAL records (packets) held in memory by the dispatcher; the rest wait on disk.
     pub window_records: usize,
+    /// Most bytes of records held in memory by the dispatcher (at least one record is always
+    /// admitted).
+    pub window_max_bytes: usize,
     /// Period of the redelivery worker.
     pub redelivery_interval_ms: u64,
     /// Period of the active `GET /health` probe of every analyzer.
@@ -162,8 +173,10 @@ impl Default for DispatchSettings {
     fn default() -> Self {
         Self {
             batch_max_messages: 1000,
+            batch_max_bytes: 8 * 1024 * 1024,
             max_in_flight_batches: 4,
             window_records: 1024,
+            window_max_bytes: 64 * 1024 * 1024,
             redelivery_interval_ms: 2000,
             health_interval_ms: 1000,
             unhealthy_after_failures: 3,
@@ -242,6 +255,8 @@ impl Validate for DistributorSettings {
         let d = &self.dispatch;
         for (key, value) in [
             ("dispatch.batch_max_messages", d.batch_max_messages as u64),
+            ("dispatch.batch_max_bytes", d.batch_max_bytes as u64),
+            ("dispatch.window_max_bytes", d.window_max_bytes as u64),
             (
                 "dispatch.max_in_flight_batches",
                 d.max_in_flight_batches as u64,
@@ -264,6 +279,23 @@ impl Validate for DistributorSettings {
             if value == 0 {
                 return invalid(format!("`{key}` must be > 0"));
             }
+        }
+        // Ids are stored with a u16 length and checked by analyzers against the same bound.
+        if self.limits.max_id_bytes > MAX_ID_BYTES {
+            return invalid(format!(
+                "`limits.max_id_bytes` must be at most {MAX_ID_BYTES}"
+            ));
+        }
+        // Any accepted packet must fit in one analyzer request (analyzers take up to 64 MiB).
+        if self.limits.max_body_bytes > MAX_PACKET_BYTES {
+            return invalid(format!(
+                "`limits.max_body_bytes` must be at most {MAX_PACKET_BYTES}"
+            ));
+        }
+        if d.batch_max_bytes > MAX_PACKET_BYTES {
+            return invalid(format!(
+                "`dispatch.batch_max_bytes` must be at most {MAX_PACKET_BYTES}"
+            ));
         }
         if d.backoff_initial_ms > d.backoff_max_ms {
             return invalid(
@@ -471,6 +503,10 @@ mod tests {
                 (entry("a", "1", "http://:80"), "no valid host"),
                 (entry("a", "1", "http://x:99999"), "invalid port"),
                 (entry("a", "-1", "http://x:1"), "analyzers[0].weight"),
+                (
+                    entry("a", "1", "http://x:1") + "[limits]\nmax_id_bytes = 70000\n",
+                    "limits.max_id_bytes",
+                ),
                 ("analyzers = []\n".to_string(), "at least one"),
                 ("prot = 1\n".to_string(), "prot"),
             ];

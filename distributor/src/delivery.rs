@@ -34,6 +34,15 @@ impl Endpoint {
     }
 }
 
+/// The HTTP client for analyzers. Redirects are never followed: a redirected POST becomes a GET
+/// without the batch, and its 2xx would wrongly count as delivery.
+pub fn client(idle_per_host: usize) -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(idle_per_host)
+        .build()
+}
+
 /// Backoff between retries of one batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -44,9 +53,13 @@ pub struct Backoff {
 /// Why a batch was not acknowledged, after all its retries.
 #[derive(Debug, thiserror::Error)]
 pub enum SendFailure {
-    /// The analyzer answered, but not 2xx (503 while disabled).
+    /// The analyzer answered 5xx (503 while disabled), 408 or 429: it may accept later.
     #[error("analyzer answered {status}")]
     Status { status: u16 },
+    /// The analyzer refused the batch's content (another 4xx, or a redirect, which is never
+    /// followed): not retried, and not held against the analyzer's health.
+    #[error("analyzer refused the batch with {status}: {error}")]
+    Rejected { status: u16, error: String },
     /// No answer: connection refused or reset, or the timeout elapsed.
     #[error("analyzer unreachable: {0}")]
     Transport(String),
@@ -69,13 +82,18 @@ pub async fn send_batch(
             .await
             .map_err(|e| SendFailure::Transport(error_chain(&e)))?;
         let status = response.status();
-        // Drain the (small) answer so the connection can be reused.
-        let _ = response.bytes().await;
+        // Read the (small) answer: it drains the connection for reuse and explains a refusal.
+        let answer = response.bytes().await.unwrap_or_default();
+        let code = status.as_u16();
         if status.is_success() {
             Ok(())
+        } else if status.is_server_error() || code == 408 || code == 429 {
+            Err(SendFailure::Status { status: code })
         } else {
-            Err(SendFailure::Status {
-                status: status.as_u16(),
+            let error = String::from_utf8_lossy(&answer[..answer.len().min(300)]).into_owned();
+            Err(SendFailure::Rejected {
+                status: code,
+                error,
             })
         }
     };
@@ -86,6 +104,7 @@ pub async fn send_batch(
                 .with_max_delay(backoff.max)
                 .with_max_times(endpoint.retry_count as usize),
         )
+        .when(|err| !matches!(err, SendFailure::Rejected { .. }))
         .notify(|err, after| {
             tracing::debug!(url = %endpoint.analyze_url, %err, ?after, "send failed; retrying");
         })

@@ -44,6 +44,8 @@ use crate::wal::{StoredRecord, Wal};
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
     pub batch_max_messages: usize,
+    pub batch_max_bytes: usize,
+    pub window_max_bytes: usize,
     pub max_in_flight_batches: usize,
     pub window_records: usize,
     pub redelivery_interval: Duration,
@@ -65,6 +67,9 @@ struct Pending {
     /// Analyzers whose send failed for this record since it last started over.
     tried: SlotSet,
     state: State,
+    /// Send this record in a batch of its own: a batch holding it was refused for its content,
+    /// and the culprit must not drag its neighbours along.
+    solo: bool,
 }
 
 struct Slot {
@@ -96,6 +101,10 @@ pub struct Dispatcher {
     window: BTreeMap<u64, Pending>,
     unassigned: VecDeque<u64>,
     next_scan: u64,
+    /// Bytes of the records in `window`.
+    window_bytes: usize,
+    /// Delivered records whose removal from the WAL failed; retried every redelivery tick.
+    removals_to_retry: Vec<(u64, u32)>,
     outcomes_tx: mpsc::UnboundedSender<Outcome>,
     outcomes_rx: mpsc::UnboundedReceiver<Outcome>,
     in_flight_batches: usize,
@@ -135,6 +144,8 @@ impl Dispatcher {
             window: BTreeMap::new(),
             unassigned: VecDeque::new(),
             next_scan: 0,
+            window_bytes: 0,
+            removals_to_retry: Vec::new(),
             outcomes_tx,
             outcomes_rx,
             in_flight_batches: 0,
@@ -186,10 +197,13 @@ impl Dispatcher {
             .fold(0, |set, (i, _)| set | slot_bit(i))
     }
 
-    /// Load records from the WAL into the window, in seq order, up to its bound.
+    /// Load records from the WAL into the window, in seq order, up to its bounds.
     fn fill_window(&mut self) {
-        while self.window.len() < self.cfg.window_records {
-            let room = self.cfg.window_records - self.window.len();
+        while self.window.len() < self.cfg.window_records
+            && self.window_bytes < self.cfg.window_max_bytes
+        {
+            // Small reads, so the byte bound is overshot by at most a few records.
+            let room = (self.cfg.window_records - self.window.len()).min(64);
             let records = match self.wal.read_pending(self.next_scan, room) {
                 Ok(r) => r,
                 Err(e) => {
@@ -203,12 +217,14 @@ impl Dispatcher {
             for record in records {
                 self.next_scan = record.seq + 1;
                 self.unassigned.push_back(record.seq);
+                self.window_bytes += record.size();
                 self.window.insert(
                     record.seq,
                     Pending {
                         record,
                         tried: 0,
                         state: State::Unassigned,
+                        solo: false,
                     },
                 );
             }
@@ -267,10 +283,21 @@ impl Dispatcher {
             self.shared.redelivered_messages.fetch_add(moved, Relaxed);
             tracing::info!(messages = moved, "redelivering to analyzers not yet tried");
         }
-        match self.wal.trim_dedup() {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(forgotten = n, "trimmed the dedup index"),
-            Err(e) => tracing::warn!(error = %e, "cannot trim the dedup index"),
+        if !self.removals_to_retry.is_empty() {
+            let retry = std::mem::take(&mut self.removals_to_retry);
+            self.remove_delivered(retry);
+        }
+    }
+
+    fn remove_delivered(&mut self, delivered: Vec<(u64, u32)>) {
+        match self.wal.remove_delivered(&delivered) {
+            Ok(()) => self.commit.flush_soon(),
+            Err(e) => {
+                // Delivered but still on disk: retried every tick; a restart meanwhile delivers
+                // them again (duplicates, counted by the analyzers), never loses them.
+                tracing::error!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL; will retry");
+                self.removals_to_retry.extend(delivered);
+            }
         }
     }
 
@@ -295,13 +322,18 @@ impl Dispatcher {
                 continue;
             };
             let count = p.record.count as usize;
-            if !seqs.is_empty() && messages + count > self.cfg.batch_max_messages {
+            let full = messages + count > self.cfg.batch_max_messages
+                || bytes + p.record.size() > self.cfg.batch_max_bytes;
+            if !seqs.is_empty() && (full || p.solo) {
                 break;
             }
             self.slots[slot].queue.pop_front();
             messages += count;
             bytes += p.record.size();
             seqs.push(seq);
+            if p.solo {
+                break;
+            }
         }
         if seqs.is_empty() {
             return;
@@ -341,11 +373,12 @@ impl Dispatcher {
         self.slots[slot].in_flight_batches -= 1;
         self.in_flight_batches -= 1;
         let view = &self.shared.analyzers[slot];
-        let messages: u64 = seqs
+        let (messages, seqs_bytes) = seqs
             .iter()
             .filter_map(|s| self.window.get(s))
-            .map(|p| u64::from(p.record.count))
-            .sum();
+            .fold((0u64, 0usize), |(m, b), p| {
+                (m + u64::from(p.record.count), b + p.record.size())
+            });
         view.in_flight_messages.fetch_sub(messages, Relaxed);
         match result {
             Ok(()) => {
@@ -354,15 +387,40 @@ impl Dispatcher {
                     .filter_map(|s| self.window.remove(s))
                     .map(|p| (p.record.seq, p.record.count))
                     .collect();
-                if let Err(e) = self.wal.remove_delivered(&delivered) {
-                    // Delivered but still on disk: after a restart they are delivered again
-                    // (duplicates, counted by the analyzers), never lost.
-                    tracing::error!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL");
-                }
-                self.commit.flush_soon();
+                self.window_bytes -= seqs_bytes;
                 view.acknowledged_messages.fetch_add(messages, Relaxed);
                 view.consecutive_failures.store(0, Relaxed);
                 self.slots[slot].consecutive_failures = 0;
+                self.remove_delivered(delivered);
+            }
+            Err(SendFailure::Rejected { status, error }) if seqs.len() > 1 => {
+                // The content was refused, not the analyzer: isolate every record of the batch
+                // and send each alone, at once, so only the culprit stays behind.
+                view.rejected_batches.fetch_add(1, Relaxed);
+                tracing::warn!(analyzer = %view.id, status, %error, records = seqs.len(), "batch refused for its content; resending its records one by one");
+                for seq in seqs.iter().rev() {
+                    if let Some(p) = self.window.get_mut(seq) {
+                        p.solo = true;
+                        p.state = State::Unassigned;
+                        self.unassigned.push_front(*seq);
+                    }
+                }
+            }
+            Err(SendFailure::Rejected { status, error }) => {
+                // One record refused for its content: it waits for redelivery to another
+                // analyzer (and, after all were tried, starts over). It stays in the WAL.
+                view.rejected_batches.fetch_add(1, Relaxed);
+                for seq in &seqs {
+                    if let Some(p) = self.window.get_mut(seq) {
+                        p.tried |= slot_bit(slot);
+                        p.state = State::AwaitingRedelivery;
+                        tracing::error!(
+                            analyzer = %view.id, status, %error,
+                            emitter_id = p.record.emitter_id(), packet_id = p.record.packet_id(),
+                            "packet refused by an analyzer; it stays in the WAL and is offered to the others"
+                        );
+                    }
+                }
             }
             Err(failure) => {
                 for seq in &seqs {

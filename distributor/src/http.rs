@@ -44,6 +44,9 @@ pub enum ApiError {
     /// The body could not be read (400), e.g. the client sent less than it announced.
     #[error("cannot read the body: {0}")]
     Body(String),
+    /// The body did not arrive within the limit (408): a stalled or very slow client.
+    #[error("the body did not arrive within {0} seconds")]
+    BodyTimeout(u64),
     /// The packet is malformed (400).
     #[error(transparent)]
     BadPacket(#[from] PacketError),
@@ -67,6 +70,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Body(_) | ApiError::BadPacket(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Backpressure { .. } | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
@@ -146,16 +150,26 @@ async fn read_body(
     if announced.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let mut body = web::BytesMut::with_capacity(announced.unwrap_or(16 * 1024).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Body(e.to_string()))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
+    // Grows with what actually arrives: an announced size costs nothing until it is sent.
+    let mut body = web::BytesMut::with_capacity(announced.unwrap_or(0).min(64 * 1024));
+    let read = async {
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::Body(e.to_string()))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(())
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .map_err(|_| ApiError::BodyTimeout(BODY_TIMEOUT.as_secs()))??;
     Ok(body)
 }
+
+/// Longest time a request body may take to arrive.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn accept_packet(
     req: HttpRequest,
@@ -265,6 +279,7 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
             "pending_messages": state.wal.pending_messages(),
             "pending_records": state.wal.pending_records(),
             "bytes_on_disk": state.wal.size_on_disk(),
+            "quarantined_records": state.wal.quarantined(),
         },
     }))
 }

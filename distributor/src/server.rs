@@ -50,9 +50,7 @@ pub async fn run(
     let (commit, commit_task) =
         GroupCommit::start(wal.clone(), settings.wal.fsync, new_records.clone());
 
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(settings.dispatch.max_in_flight_batches * 2)
-        .build()
+    let http = crate::delivery::client(settings.dispatch.max_in_flight_batches * 2)
         .context("building the HTTP client")?;
     let endpoints: Vec<Arc<Endpoint>> = settings
         .analyzers
@@ -68,6 +66,8 @@ pub async fn run(
     let d = &settings.dispatch;
     let cfg = DispatchConfig {
         batch_max_messages: d.batch_max_messages,
+        batch_max_bytes: d.batch_max_bytes,
+        window_max_bytes: d.window_max_bytes,
         max_in_flight_batches: d.max_in_flight_batches,
         window_records: d.window_records,
         redelivery_interval: Duration::from_millis(d.redelivery_interval_ms),
@@ -85,6 +85,7 @@ pub async fn run(
         cfg.health_interval,
         health_tx,
     ));
+    let trimmer = tokio::spawn(trim_dedup_forever(wal.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let dispatcher = Dispatcher::new(
         wal.clone(),
@@ -132,9 +133,38 @@ pub async fn run(
     let _ = stop_tx.send(true);
     dispatch_task.await?;
     prober.abort();
+    trimmer.abort();
     // The other handles of the committer lived in the server's app data and the dispatcher.
     let _ = tokio::time::timeout(Duration::from_secs(5), commit_task).await;
     tokio::task::spawn_blocking(move || wal.flush()).await??;
     tracing::info!("WAL flushed; distributor stopped");
     Ok(())
+}
+
+/// Keep the dedup index within its retention: every second, trim until caught up, off the async
+/// threads (it is sled I/O).
+async fn trim_dedup_forever(wal: Wal) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let wal = wal.clone();
+        let trimmed = tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            loop {
+                match wal.trim_dedup() {
+                    Ok(0) => return Ok(total),
+                    Ok(n) => total += n,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match trimmed {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(forgotten = n, "trimmed the dedup index"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot trim the dedup index"),
+            Err(e) => tracing::warn!(error = %e, "dedup trimming task failed"),
+        }
+    }
 }

@@ -23,6 +23,8 @@ pub struct AnalyzerView {
     pub in_flight_messages: AtomicU64,
     /// Batches that failed after all their retries.
     pub failed_batches: AtomicU64,
+    /// Batches it refused for their content (4xx): not held against its health.
+    pub rejected_batches: AtomicU64,
 }
 
 /// Process-wide counters.
@@ -58,6 +60,7 @@ impl Shared {
                     queued_messages: AtomicU64::new(0),
                     in_flight_messages: AtomicU64::new(0),
                     failed_batches: AtomicU64::new(0),
+                    rejected_batches: AtomicU64::new(0),
                 })
                 .collect(),
             accepted_packets: AtomicU64::new(0),

@@ -371,11 +371,27 @@ impl Wal {
         Ok(out)
     }
 
+    /// Move a record that cannot be decoded aside, atomically, and stop counting it as pending.
     fn quarantine(&self, seq: u64) -> Result<(), WalError> {
-        if let Some(v) = self.inner.db.remove(key(RECORD, seq))? {
-            self.inner.db.insert(key(QUARANTINE, seq), v)?;
-            self.inner.pending_records.fetch_sub(1, Ordering::Relaxed);
-        }
+        let Some(v) = self.inner.db.get(key(RECORD, seq))? else {
+            return Ok(());
+        };
+        // The count in its header, if the header itself is intact (it was counted at append).
+        let count = v
+            .get(9..13)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_be_bytes);
+        let mut batch = sled::Batch::default();
+        batch.insert(&key(QUARANTINE, seq), v);
+        batch.remove(&key(RECORD, seq));
+        self.inner.db.apply_batch(batch)?;
+        self.inner.pending_records.fetch_sub(1, Ordering::Relaxed);
+        let _ =
+            self.inner
+                .pending_messages
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                    Some(m.saturating_sub(u64::from(count)))
+                });
         Ok(())
     }
 

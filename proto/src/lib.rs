@@ -269,6 +269,12 @@ pub struct IdentifiedMessage<'a> {
 }
 
 #[derive(Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    packets: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
 struct BatchWire<'a> {
     #[serde(borrow)]
     packets: Vec<BatchPacket<'a>>,
@@ -284,9 +290,11 @@ impl<'a> AnalyzeRequest<'a> {
                 .map(AnalyzeRequest::Messages)
                 .map_err(|e| e.to_string()),
             Some(b'{') => {
-                let probe: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_slice(body).map_err(|e| e.to_string())?;
-                if probe.contains_key("packets") {
+                // The probe keeps `packets` raw and skips every other field without building it:
+                // it must accept exactly what `parse_packet` accepted (numbers out of f64 range,
+                // deep metadata), or a stored packet could be refused by every analyzer.
+                let probe: Probe<'_> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+                if probe.packets.is_some() {
                     serde_json::from_slice::<BatchWire<'a>>(body)
                         .map(|b| AnalyzeRequest::Packets(b.packets))
                         .map_err(|e| e.to_string())
@@ -412,6 +420,38 @@ mod tests {
                 assert_eq!(ps[1].packet_id, "p9");
             }
             other => panic!("wrong shape {other:?}"),
+        }
+    }
+
+    #[test]
+    fn whatever_parse_packet_accepts_an_analyzer_accepts_after_batching() {
+        let deep = format!("{}1{}", "[".repeat(300), "]".repeat(300));
+        let metadata = [
+            r#"{"x":1e400}"#.to_string(),
+            r#"{"x":-1e-400,"y":123456789012345678901234567890}"#.to_string(),
+            format!(r#"{{"deep":{deep}}}"#),
+            r#"{"s":"\u00e9\ud83d\ude00\n\"","":null}"#.to_string(),
+            "null".to_string(),
+        ];
+        for meta in metadata {
+            let body = format!(
+                r#"{{"emitter_id":"e\u0000","packet_id":"p","extra":{deep},"messages":[{{"timestamp":"2024-01-01T00:00:00Z","level":"W","message":"\u2603","metadata":{meta}}}]}}"#
+            );
+            let p = parse_packet(body.as_bytes(), &Limits::default())
+                .unwrap_or_else(|e| panic!("{meta}: {e}"));
+            let mut w = BatchWriter::with_capacity(64);
+            w.push(&p.emitter_id, &p.packet_id, p.raw_messages.as_bytes());
+            let batch = w.finish();
+            let AnalyzeRequest::Packets(packets) =
+                AnalyzeRequest::parse(&batch).unwrap_or_else(|e| panic!("{meta}: {e}"))
+            else {
+                panic!("wrong shape")
+            };
+            assert_eq!(packets[0].emitter_id, "e\u{0}");
+            for raw in &packets[0].messages {
+                LogMessage::parse(raw.get(), &Limits::default())
+                    .unwrap_or_else(|e| panic!("{meta}: {e}"));
+            }
         }
     }
 

@@ -148,6 +148,15 @@ impl Distributor {
     /// Start on a free port with these analyzers and weights; `extra` is appended to the TOML
     /// (e.g. a `[wal]` table).
     pub async fn start(analyzers: &[(&TestAnalyzer, f64)], extra: &str) -> Self {
+        let endpoints: Vec<(&str, &str, f64)> = analyzers
+            .iter()
+            .map(|(a, w)| (a.id.as_str(), a.url.as_str(), *w))
+            .collect();
+        Self::start_with(&endpoints, extra).await
+    }
+
+    /// Like `start`, with analyzers given as (id, base URL, weight).
+    pub async fn start_with(analyzers: &[(&str, &str, f64)], extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut toml = format!(
             "host = \"127.0.0.1\"\nport = 0\ndata_dir = \"{}\"\n{extra}\n",
@@ -159,10 +168,9 @@ impl Distributor {
                  backoff_initial_ms = 20\nbackoff_max_ms = 100\n",
             );
         }
-        for (a, w) in analyzers {
+        for (id, url, w) in analyzers {
             toml.push_str(&format!(
-                "[[analyzers]]\nid = \"{}\"\nweight = {w}\nendpoint = \"{}\"\ntimeout_ms = 1000\nretry_count = 2\n",
-                a.id, a.url
+                "[[analyzers]]\nid = \"{id}\"\nweight = {w}\nendpoint = \"{url}\"\ntimeout_ms = 1000\nretry_count = 2\n"
             ));
         }
         let config = dir.path().join("distributor.toml");
@@ -363,5 +371,89 @@ impl Delivered {
     /// Messages processed by more than one analyzer.
     pub fn duplicated(&self) -> usize {
         self.by_id.values().filter(|v| v.len() > 1).count()
+    }
+}
+
+/// A stand-in analyzer that refuses (400) any batch mentioning "poison", answers 503 while off,
+/// and records the packet ids of the batches it accepted.
+pub struct PickyAnalyzer {
+    pub url: String,
+    pub on: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub accepted: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
+    pub refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl PickyAnalyzer {
+    pub async fn spawn() -> Self {
+        use actix_web::{web, App, HttpResponse, HttpServer};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let on = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(Mutex::new(HashSet::new()));
+        let refused = Arc::new(AtomicU64::new(0));
+        let (on2, acc2, ref2) = (on.clone(), accepted.clone(), refused.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = HttpServer::new(move || {
+            let (on, acc, refused) = (on2.clone(), acc2.clone(), ref2.clone());
+            let on_h = on.clone();
+            App::new()
+                .route(
+                    "/health",
+                    web::get().to(move || {
+                        let up = on_h.load(Ordering::SeqCst);
+                        async move {
+                            if up {
+                                HttpResponse::Ok().finish()
+                            } else {
+                                HttpResponse::ServiceUnavailable().finish()
+                            }
+                        }
+                    }),
+                )
+                .route(
+                    "/analyze",
+                    web::post().to(move |body: web::Bytes| {
+                        let (on, acc, refused) = (on.clone(), acc.clone(), refused.clone());
+                        async move {
+                            if !on.load(Ordering::SeqCst) {
+                                return HttpResponse::ServiceUnavailable().finish();
+                            }
+                            if String::from_utf8_lossy(&body).contains("poison") {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                                return HttpResponse::BadRequest().body(r#"{"error":"poison"}"#);
+                            }
+                            let v: Value = serde_json::from_slice(&body).unwrap();
+                            let mut acc = acc.lock().unwrap();
+                            for p in v["packets"].as_array().unwrap() {
+                                acc.insert(p["packet_id"].as_str().unwrap().to_string());
+                            }
+                            HttpResponse::Ok().body("{}")
+                        }
+                    }),
+                )
+        })
+        .listen(listener)
+        .unwrap()
+        .workers(1)
+        .disable_signals()
+        .run();
+        let handle = server.handle();
+        tokio::spawn(server);
+        PickyAnalyzer {
+            url,
+            on,
+            accepted,
+            refused,
+            handle,
+        }
+    }
+}
+
+impl Drop for PickyAnalyzer {
+    fn drop(&mut self) {
+        let h = self.handle.clone();
+        tokio::spawn(async move { h.stop(false).await });
     }
 }

@@ -321,3 +321,37 @@ fn a_config_with_duplicate_ids_is_refused_at_start_naming_the_key() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packet_an_analyzer_refuses_stays_in_the_wal_without_dragging_its_batch_or_the_analyzers_health(
+) {
+    // Arrange: 19 good packets and one the analyzer will refuse, all waiting in the WAL.
+    let picky = PickyAnalyzer::spawn().await;
+    let d = Distributor::start_with(&[("picky", &picky.url, 1.0)], "").await;
+    let mut batch = packets(10, 20, 10);
+    batch[7].packet_id = "poison-1".into();
+    send_all(&d.client(), batch.clone(), 4).await;
+    assert_eq!(d.queue().await["size"], 200);
+
+    // Act: the analyzer comes up; the dispatcher sends the whole window in big batches.
+    picky.on.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // Assert: every good packet delivered, the refused one still pending, analyzer healthy.
+    let good: HashSet<String> = batch
+        .iter()
+        .filter(|p| p.packet_id != "poison-1")
+        .map(|p| p.packet_id.clone())
+        .collect();
+    wait_until("the 19 good packets delivered", DRAIN, || async {
+        *picky.accepted.lock().unwrap() == good
+    })
+    .await;
+    let queue = format!("{}/queue", d.url);
+    wait_until("only the refused packet pending", DRAIN, || async {
+        get_json(&queue).await["size"] == 10
+    })
+    .await;
+    assert!(picky.refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let health = get_json(&format!("{}/health", d.url)).await;
+    assert_eq!(health["analyzers"][0]["healthy"], true, "{health}");
+}
