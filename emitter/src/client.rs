@@ -103,6 +103,20 @@ struct ErrorBody {
 }
 
 impl DistributorClient {
+    /// The client the emitter's settings describe (URL, timeout, backoff cap), counting its
+    /// retries into `retries`.
+    pub fn from_settings(
+        settings: &logdist_config::EmitterSettings,
+        retries: Arc<AtomicU64>,
+    ) -> Result<Self, reqwest::Error> {
+        Ok(Self::new(
+            &settings.distributor_url,
+            Duration::from_millis(settings.request_timeout_ms),
+        )?
+        .with_max_backoff(Duration::from_millis(settings.max_backoff_ms))
+        .with_retry_counter(retries))
+    }
+
     /// A client for the distributor at `base_url` (e.g. `http://127.0.0.1:8081`); each try of
     /// `POST {base_url}/logs` is given at most `request_timeout`.
     pub fn new(base_url: &str, request_timeout: Duration) -> Result<Self, reqwest::Error> {

@@ -247,13 +247,8 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     };
     let settings = load_settings(&args.settings, flags)?;
     let ledger = Arc::new(Ledger::new(0));
-    let client = DistributorClient::new(
-        &settings.distributor_url,
-        Duration::from_millis(settings.request_timeout_ms),
-    )
-    .context("building the HTTP client")?
-    .with_max_backoff(Duration::from_millis(settings.max_backoff_ms))
-    .with_retry_counter(ledger.retry_counter());
+    let client = DistributorClient::from_settings(&settings, ledger.retry_counter())
+        .context("building the HTTP client")?;
 
     let size = u64::from(settings.messages_per_packet);
     let emitters = settings.emitters.max(1);

@@ -176,13 +176,8 @@ pub async fn run(
     use anyhow::Context;
 
     let ledger = Arc::new(Ledger::new(settings.acknowledged_log_capacity));
-    let client = DistributorClient::new(
-        &settings.distributor_url,
-        Duration::from_millis(settings.request_timeout_ms),
-    )
-    .context("building the HTTP client")?
-    .with_max_backoff(Duration::from_millis(settings.max_backoff_ms))
-    .with_retry_counter(ledger.retry_counter());
+    let client = DistributorClient::from_settings(&settings, ledger.retry_counter())
+        .context("building the HTTP client")?;
     let generator = Generator::for_this_run();
     tracing::info!(
         run_id = generator.run_id(),
