@@ -74,6 +74,13 @@ if ((QUICK == 0)); then
   ./docker.sh verify-delivery
   ./docker.sh stop
   trap - EXIT
+
+  step "the committed compose files match what ./docker.sh generates"
+  diff <(./docker.sh render-compose 3) docker/docker-compose.yml
+  diff <(./docker.sh render-config 3) docker/distributor.toml
+
+  step "Docker path (containers)"
+  scripts/docker-test.sh
 fi
 
 step "all tests passed (cargo tests, then the docker.sh smoke run)"

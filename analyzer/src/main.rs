@@ -26,6 +26,10 @@ struct Args {
     /// Port to listen on; 0 picks a free one (overrides `port`).
     #[arg(long)]
     port: Option<u16>,
+    /// Health check only: GET this URL, exit 0 on a 2xx, 1 otherwise (for container health
+    /// checks; the images carry no curl).
+    #[arg(long, value_name = "URL")]
+    probe: Option<String>,
 }
 
 /// The flags layer of the settings; unset flags leave the lower layers' values.
@@ -40,6 +44,10 @@ struct Flags {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.probe {
+        let ok = logdist_proto::probe::http_get_ok(url, std::time::Duration::from_secs(2));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

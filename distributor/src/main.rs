@@ -26,6 +26,10 @@ struct Cli {
     /// Directory of the WAL; reused on restart
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Health check only: GET this URL, exit 0 on a 2xx, 1 otherwise (for container health
+    /// checks; the images carry no curl)
+    #[arg(long, value_name = "URL")]
+    probe: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -38,6 +42,10 @@ struct Flags {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(url) = &cli.probe {
+        let ok = logdist_proto::probe::http_get_ok(url, std::time::Duration::from_secs(2));
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let file = cli
         .config
         .or_else(|| logdist_config::default_file("distributor"));

@@ -48,6 +48,12 @@ enum Command {
     /// Compares the emitter's GET /acknowledged with every analyzer's GET /audit. Exit code 1 if an
     /// acknowledged message is missing from every audit, 2 if something could not be fetched.
     VerifyDelivery(VerifyDeliveryArgs),
+    /// Health check only: GET the URL, exit 0 on a 2xx, 1 otherwise (for container health checks;
+    /// the images carry no curl).
+    Probe {
+        /// e.g. http://127.0.0.1:8080/health
+        url: String,
+    },
 }
 
 #[derive(Debug, Args, Default)]
@@ -172,6 +178,14 @@ fn init_tracing() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Probe { url }) = &cli.command {
+        let ok = logdist_proto::probe::http_get_ok(url, std::time::Duration::from_secs(2));
+        return if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     init_tracing();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     let fetching = matches!(
@@ -183,6 +197,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => send(args).await,
         Command::VerifyWeights(args) => verify_weights(args).await,
         Command::VerifyDelivery(args) => verify_delivery(args).await,
+        Command::Probe { .. } => Ok(ExitCode::SUCCESS),
     };
     match outcome {
         Ok(code) => code,
