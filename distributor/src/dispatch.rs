@@ -49,7 +49,6 @@ pub struct DispatchConfig {
     pub max_in_flight_batches: usize,
     pub window_records: usize,
     pub redelivery_interval: Duration,
-    pub health_interval: Duration,
     pub unhealthy_after_failures: u32,
     pub backoff: Backoff,
 }

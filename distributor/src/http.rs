@@ -15,7 +15,6 @@ use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use logdist_proto::{parse_packet, Limits, PacketError};
 use serde_json::json;
-use tokio::sync::Notify;
 
 use crate::commit::{CommitError, GroupCommit};
 use crate::stats::{now_ms, Shared};
@@ -29,7 +28,6 @@ pub struct AppState {
     pub limits: Limits,
     pub max_body_bytes: usize,
     pub max_pending_messages: u64,
-    pub new_records: Arc<Notify>,
 }
 
 /// Every way a request can fail; each maps to a status and a JSON body `{"error": ".."}`.

@@ -71,7 +71,6 @@ pub async fn run(
         max_in_flight_batches: d.max_in_flight_batches,
         window_records: d.window_records,
         redelivery_interval: Duration::from_millis(d.redelivery_interval_ms),
-        health_interval: Duration::from_millis(d.health_interval_ms),
         unhealthy_after_failures: d.unhealthy_after_failures,
         backoff: Backoff {
             initial: Duration::from_millis(d.backoff_initial_ms),
@@ -82,7 +81,7 @@ pub async fn run(
     let prober = tokio::spawn(probe_health(
         http.clone(),
         endpoints.clone(),
-        cfg.health_interval,
+        Duration::from_millis(d.health_interval_ms),
         health_tx,
     ));
     let trimmer = tokio::spawn(trim_dedup_forever(wal.clone()));
@@ -95,7 +94,7 @@ pub async fn run(
         cfg,
         http,
     );
-    let dispatch_task = tokio::spawn(dispatcher.run(new_records.clone(), health_rx, stop_rx));
+    let dispatch_task = tokio::spawn(dispatcher.run(new_records, health_rx, stop_rx));
 
     let state = web::Data::new(AppState {
         wal: wal.clone(),
@@ -108,7 +107,6 @@ pub async fn run(
         },
         max_body_bytes: settings.limits.max_body_bytes,
         max_pending_messages: settings.wal.max_pending_messages,
-        new_records,
     });
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
