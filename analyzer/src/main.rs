@@ -11,6 +11,12 @@ use tracing_subscriber::EnvFilter;
 /// Receives batches of log messages, processes each message once per identity and keeps bounded
 /// statistics. Settings are layered: defaults, then the TOML file, then `ANALYZER_*` environment
 /// variables (e.g. `ANALYZER_ID`, `ANALYZER_DEDUP_CAPACITY_PACKETS`), then these flags.
+///
+/// For fault-injection tests: `POST /faults` with `{"latency_ms": N, "error_rate": R}` delays
+/// every `POST /analyze` by N ms and answers 500 (recording nothing) for exactly a fraction R of
+/// them (deterministically: at 0.5 every second one). `GET /faults` shows, `DELETE /faults` or
+/// `{}` clears them; `/health` is never affected. With `--audit-log` a SIGKILLed analyzer
+/// remembers, after a restart, the messages it acknowledged.
 #[derive(Debug, Parser)]
 #[command(name = "analyzer", version)]
 struct Args {
@@ -26,6 +32,15 @@ struct Args {
     /// Port to listen on; 0 picks a free one (overrides `port`).
     #[arg(long)]
     port: Option<u16>,
+    /// Append-only audit log (overrides `audit_log`, env `ANALYZER_AUDIT_LOG`). Every message is
+    /// listed in it before its 200 is sent; at start the file is replayed, so that the messages
+    /// are still recognised as duplicates and listed by `/audit` after a restart, even after a
+    /// SIGKILL. Only identities are restored (they count in `processed` and `restored`), not the
+    /// level, emitter or template statistics. A torn last line (a kill mid-write) is dropped with
+    /// a warning; any other unparsable line stops the start. Not fsynced: survives a process
+    /// kill, not a power loss. Never compacted. Created if missing.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
     /// Health check only: GET this URL, exit 0 on a 2xx, 1 otherwise (for container health
     /// checks; the images carry no curl).
     #[arg(long, value_name = "URL")]
@@ -37,6 +52,8 @@ struct Args {
 struct Flags {
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_log: Option<PathBuf>,
     #[serde(flatten)]
     common: CommonFlags,
 }
@@ -61,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| logdist_config::default_file("analyzer"));
     let flags = Flags {
         id: args.id,
+        audit_log: args.audit_log,
         common: CommonFlags {
             host: args.host,
             port: args.port,

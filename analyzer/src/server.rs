@@ -13,8 +13,32 @@
 //!   only inside synchronous code: parsing and recording a batch run in `web::block` (a blocking
 //!   thread, so a 64 MiB body does not stall the worker serving `/health`), and `/audit` copies the
 //!   remembered packets out in chunks and serialises each chunk after releasing the lock.
+//! * **Listed before acknowledged.** With an audit log (`audit_log` setting, `--audit-log`), a
+//!   request first works out, without changing anything, which of its messages are new, appends
+//!   them to the log (one `write_all`, while holding the state lock so that the file's order is the
+//!   de-duplication order), and only then records them and answers 200. A failed append answers
+//!   500 and records nothing. The write goes to the page cache without fsync: it survives a kill of
+//!   the process, not a power loss. The lock is held across this write (on a blocking thread, never
+//!   across an `.await`); see [`crate::audit_log`] for the file and its replay at start.
+//! * **Faults are injected only where asked.** `POST /faults` sets a latency and an error rate for
+//!   `POST /analyze` (`GET /faults` shows them, `DELETE /faults` clears them); nothing else,
+//!   `/health` in particular, is affected. See [`crate::faults`] for the exact rules.
+//!
+//! # Routes
+//!
+//! | Route | Answer |
+//! |---|---|
+//! | `POST /analyze` | `{"processed", "duplicates"}` for the request |
+//! | `GET /health` | 200 `{"status":"ok"}`, or 503 `{"status":"disabled"}` |
+//! | `GET /status` | id, enabled, counts and statistics, `restored`, `faults`, `uptime_ms` |
+//! | `GET /processed` | `{"processed", "duplicates"}` since start (restored messages included) |
+//! | `GET /audit` | NDJSON, one `{"emitter_id","packet_id","index"}` per remembered message |
+//! | `POST /enable`, `POST /disable` | switch `/analyze` on or off |
+//! | `GET`, `POST`, `DELETE /faults` | `{"latency_ms", "error_rate"}`: show, set, clear |
 
-use crate::state::{AnalyzerState, AuditEntry, Sighting, Statistics};
+use crate::audit_log::{self, AuditLog};
+use crate::faults::{FaultInjector, Faults};
+use crate::state::{AnalyzerState, AuditEntry, Statistics};
 use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use actix_web::http::StatusCode;
 use actix_web::web::{self, Bytes, BytesMut};
@@ -26,6 +50,7 @@ use logdist_proto::{AnalyzeRequest, Limits, LogMessage};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -38,6 +63,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
 const WORKERS: usize = 2;
 /// How long a graceful stop waits for in-flight requests.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 10;
+/// Largest `POST /faults` body; the real ones are a few dozen bytes.
+const MAX_FAULTS_BODY_BYTES: usize = 64 * 1024;
 /// Packets copied out of the lock per `/audit` chunk: small enough that `/analyze` never waits
 /// long behind an audit of a million packets.
 const AUDIT_CHUNK_PACKETS: usize = 1024;
@@ -48,6 +75,11 @@ struct Shared {
     started: Instant,
     /// Held only in synchronous code, never across an `.await` (invariant 9).
     state: Mutex<AnalyzerState>,
+    /// Taken only while `state` is held, so that the file's lines are in the order in which the
+    /// state learnt them. `None` without the `audit_log` setting.
+    audit_log: Option<Mutex<AuditLog>>,
+    /// Taken on its own, never together with another lock, and never across an `.await`.
+    faults: Mutex<FaultInjector>,
 }
 
 impl Shared {
@@ -56,6 +88,11 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, AnalyzerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The fault injector, even if poisoned: it holds plain values that are always consistent.
+    fn faults(&self) -> MutexGuard<'_, FaultInjector> {
+        self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Why a request was refused. Each maps to one status code; the message is the JSON `error`.
@@ -63,18 +100,21 @@ impl Shared {
 enum ApiError {
     /// The analyzer was disabled with `POST /disable`; the sender should try another one (503).
     Disabled(String),
-    /// `POST /analyze` without `Content-Type: application/json` (415).
+    /// `POST /analyze` or `POST /faults` without `Content-Type: application/json` (415).
     UnsupportedMediaType(String),
-    /// The body (declared or actual) exceeds [`MAX_BODY_BYTES`] (413).
-    PayloadTooLarge,
+    /// The body (declared or actual) exceeds the route's limit, in bytes: [`MAX_BODY_BYTES`] for
+    /// `/analyze` (413).
+    PayloadTooLarge(usize),
     /// The body is not a valid request; the message names the offending packet/message (400).
     BadRequest(String),
     /// No such route (404).
     NotFound(String),
     /// The route exists but not for this method (405).
     MethodNotAllowed(String),
-    /// A bug or a lost blocking thread; not the client's fault (500).
+    /// A bug, a lost blocking thread or a failed audit-log append; not the client's fault (500).
     Internal(String),
+    /// `POST /faults` asked for this request to fail; nothing was recorded (500).
+    InjectedFault(String),
 }
 
 impl fmt::Display for ApiError {
@@ -84,13 +124,14 @@ impl fmt::Display for ApiError {
             ApiError::UnsupportedMediaType(got) => {
                 write!(f, "Content-Type must be application/json, got {got}")
             }
-            ApiError::PayloadTooLarge => {
-                write!(f, "request body is larger than {MAX_BODY_BYTES} bytes")
+            ApiError::PayloadTooLarge(limit) => {
+                write!(f, "request body is larger than {limit} bytes")
             }
             ApiError::BadRequest(why) => f.write_str(why),
             ApiError::NotFound(path) => write!(f, "no route {path}"),
             ApiError::MethodNotAllowed(what) => write!(f, "method not allowed: {what}"),
             ApiError::Internal(why) => write!(f, "internal error: {why}"),
+            ApiError::InjectedFault(why) => write!(f, "injected fault: {why}"),
         }
     }
 }
@@ -100,17 +141,20 @@ impl ResponseError for ApiError {
         match self {
             ApiError::Disabled(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::InjectedFault(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        if status.is_server_error() {
+        if let ApiError::InjectedFault(_) = self {
+            // Asked for; each one logged at error level would drown the real errors.
+            tracing::debug!(error = %self, "request failed on purpose");
+        } else if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
             tracing::debug!(error = %self, status = status.as_u16(), "request refused");
@@ -128,10 +172,13 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .context("listener has no local address")?;
+    let (state, audit_log) = open_state(&settings).await?;
     let shared = web::Data::new(Shared {
         id: settings.id.clone(),
         started: Instant::now(),
-        state: Mutex::new(AnalyzerState::new(settings.dedup_capacity_packets)),
+        state: Mutex::new(state),
+        audit_log: audit_log.map(Mutex::new),
+        faults: Mutex::new(FaultInjector::default()),
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -158,6 +205,32 @@ pub async fn run(
     served.context("analyzer server failed")
 }
 
+/// The initial state: empty, or replayed from the audit log (on a blocking thread: the file may
+/// be large). Fails if the log cannot be opened or is corrupt before its last line.
+async fn open_state(
+    settings: &AnalyzerSettings,
+) -> anyhow::Result<(AnalyzerState, Option<AuditLog>)> {
+    let mut state = AnalyzerState::new(settings.dedup_capacity_packets);
+    let Some(path) = settings.audit_log.clone() else {
+        return Ok((state, None));
+    };
+    let replay = tokio::task::spawn_blocking(move || {
+        AuditLog::open(&path, &mut state).map(|(log, replayed)| (state, log, replayed, path))
+    });
+    let (state, log, replayed, path) = replay
+        .await
+        .context("audit log replay thread lost")?
+        .context("cannot start with the audit log (`audit_log`, --audit-log)")?;
+    tracing::info!(
+        path = %path.display(),
+        lines = replayed.lines,
+        torn_tail_dropped = replayed.torn_tail_dropped,
+        "audit log replayed: restored {} messages",
+        replayed.messages
+    );
+    Ok((state, Some(log)))
+}
+
 fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/analyze", web::post().to(analyze)))
         .service(resource("/health", web::get().to(health)))
@@ -165,7 +238,14 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/processed", web::get().to(processed)))
         .service(resource("/audit", web::get().to(audit)))
         .service(resource("/enable", web::post().to(enable)))
-        .service(resource("/disable", web::post().to(disable)));
+        .service(resource("/disable", web::post().to(disable)))
+        .service(
+            web::resource("/faults")
+                .route(web::get().to(get_faults))
+                .route(web::post().to(set_faults))
+                .route(web::delete().to(clear_faults))
+                .default_service(web::to(method_not_allowed)),
+        );
 }
 
 /// A route whose other methods get a JSON 405 instead of actix's empty one.
@@ -193,32 +273,20 @@ struct Analyzed {
 
 async fn analyze(
     req: HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     shared: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
+    // Injected latency first, so it delays every answer; the guard is dropped before the sleep.
+    let latency = shared.faults().faults().latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     // Cheap early refusal; checked again under the lock before anything is recorded.
     if !shared.lock().enabled {
         return Err(ApiError::Disabled(shared.id.clone()));
     }
     check_content_type(&req)?;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::PayloadTooLarge);
-    }
-    // Preallocate what was announced, but not more than 1 MiB: announcing is free for the client.
-    let mut body = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(1 << 20) as usize));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(ApiError::PayloadTooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let body = body.freeze();
+    let body = read_body(&req, payload, MAX_BODY_BYTES).await?;
     let worker = shared.clone();
     let (processed, duplicates) = web::block(move || analyze_body(&worker, &body))
         .await
@@ -227,6 +295,32 @@ async fn analyze(
         processed,
         duplicates,
     }))
+}
+
+/// The whole body, or a JSON 413 as soon as it (declared or actual) exceeds `limit` bytes.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    // Preallocate what was announced, but not more than 1 MiB: announcing is free for the client.
+    let mut body = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n.min(1 << 20) as usize));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
@@ -252,29 +346,112 @@ struct CheckedPacket<'a> {
     messages: Vec<(u32, LogMessage<'a>)>,
 }
 
-/// Parse and check the whole body, then record it under the lock. Runs on a blocking thread.
+/// Parse and check the whole body, then, under the lock: work out which messages are new, list
+/// them in the audit log (if any), and record them. Runs on a blocking thread. Returns
+/// `(processed, duplicates)` for the request.
 fn analyze_body(shared: &Shared, body: &[u8]) -> Result<(u64, u64), ApiError> {
     let checked = check_request(body)?;
+    // Only a request that would be recorded counts towards the error rate (see `crate::faults`).
+    let injected = {
+        let mut faults = shared.faults();
+        faults
+            .next_request_fails()
+            .then(|| faults.faults().error_rate())
+    };
+    if let Some(rate) = injected {
+        return Err(ApiError::InjectedFault(format!(
+            "POST /faults set error_rate {rate}; nothing was recorded"
+        )));
+    }
     let mut state = shared.lock();
     if !state.enabled {
         return Err(ApiError::Disabled(shared.id.clone()));
     }
-    let (mut processed, mut duplicates) = (0, 0);
+    let plan = Plan::of(&state, &checked);
+    if let Some(log) = &shared.audit_log {
+        let lines = plan
+            .audit_lines()
+            .map_err(|e| ApiError::Internal(format!("cannot encode audit log lines: {e}")))?;
+        if !lines.is_empty() {
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .append(&lines)
+                .map_err(ApiError::Internal)?;
+        }
+    }
+    let mut fresh = plan.fresh.iter();
     for packet in &checked {
         for (index, msg) in &packet.messages {
-            match state.record(
-                &packet.emitter_id,
-                &packet.packet_id,
-                *index,
-                &msg.level,
-                &msg.message,
-            ) {
-                Sighting::New => processed += 1,
-                Sighting::Duplicate => duplicates += 1,
+            if fresh.next().copied().unwrap_or(false) {
+                state.record(
+                    &packet.emitter_id,
+                    &packet.packet_id,
+                    *index,
+                    &msg.level,
+                    &msg.message,
+                );
+            } else {
+                state.count_duplicate();
             }
         }
     }
-    Ok((processed, duplicates))
+    Ok((plan.processed, plan.duplicates))
+}
+
+/// What a request will record, worked out before anything changes so that it can be written to
+/// the audit log first. A message is new if the state does not remember it and it did not occur
+/// earlier in the same request.
+struct Plan<'a> {
+    /// One flag per message of the request, in request order: `true` if it is new.
+    fresh: Vec<bool>,
+    /// The new indexes per packet, packets in order of their first new message (the order in
+    /// which recording adds them to the de-duplication FIFO).
+    packets: Vec<(&'a str, &'a str, Vec<u32>)>,
+    processed: u64,
+    duplicates: u64,
+}
+
+impl<'a> Plan<'a> {
+    fn of(state: &AnalyzerState, checked: &'a [CheckedPacket<'a>]) -> Self {
+        let mut plan = Plan {
+            fresh: Vec::with_capacity(checked.iter().map(|p| p.messages.len()).sum()),
+            packets: Vec::new(),
+            processed: 0,
+            duplicates: 0,
+        };
+        let mut in_request: HashSet<(&str, &str, u32)> = HashSet::new();
+        let mut packet_of: HashMap<(&str, &str), usize> = HashMap::new();
+        for packet in checked {
+            let (emitter_id, packet_id) = (&*packet.emitter_id, &*packet.packet_id);
+            for (index, _) in &packet.messages {
+                let fresh = !state.is_remembered(emitter_id, packet_id, *index)
+                    && in_request.insert((emitter_id, packet_id, *index));
+                plan.fresh.push(fresh);
+                if !fresh {
+                    plan.duplicates += 1;
+                    continue;
+                }
+                plan.processed += 1;
+                let slot = *packet_of.entry((emitter_id, packet_id)).or_insert_with(|| {
+                    plan.packets.push((emitter_id, packet_id, Vec::new()));
+                    plan.packets.len() - 1
+                });
+                if let Some((_, _, indexes)) = plan.packets.get_mut(slot) {
+                    indexes.push(*index);
+                }
+            }
+        }
+        plan
+    }
+
+    /// The audit log lines for the new messages, one per packet; empty if nothing is new.
+    fn audit_lines(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let mut lines = Vec::new();
+        for (emitter_id, packet_id, indexes) in &self.packets {
+            audit_log::encode_line(&mut lines, emitter_id, packet_id, indexes)?;
+        }
+        Ok(lines)
+    }
 }
 
 /// Turn the body into checked packets, or name the first thing wrong with it.
@@ -397,6 +574,8 @@ struct StatusBody<'a> {
     enabled: bool,
     #[serde(flatten)]
     statistics: Statistics,
+    /// The injected faults, as `GET /faults` shows them.
+    faults: Faults,
     uptime_ms: u64,
 }
 
@@ -405,10 +584,12 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
         let state = shared.lock();
         (state.enabled, state.statistics())
     };
+    let faults = shared.faults().faults();
     HttpResponse::Ok().json(StatusBody {
         id: &shared.id,
         enabled,
         statistics,
+        faults,
         uptime_ms: u64::try_from(shared.started.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
@@ -435,6 +616,41 @@ fn set_enabled(shared: &Shared, enabled: bool) -> HttpResponse {
         tracing::info!(id = %shared.id, enabled, "analyzer switched");
     }
     HttpResponse::Ok().json(serde_json::json!({ "id": shared.id, "enabled": enabled }))
+}
+
+async fn get_faults(shared: web::Data<Shared>) -> HttpResponse {
+    HttpResponse::Ok().json(shared.faults().faults())
+}
+
+/// `POST /faults`: replace the faults (a missing field means 0, so `{}` clears them).
+async fn set_faults(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    check_content_type(&req)?;
+    let body = read_body(&req, payload, MAX_FAULTS_BODY_BYTES).await?;
+    let faults = Faults::parse(&body).map_err(ApiError::BadRequest)?;
+    Ok(replace_faults(&shared, faults))
+}
+
+async fn clear_faults(shared: web::Data<Shared>) -> HttpResponse {
+    replace_faults(&shared, Faults::default())
+}
+
+fn replace_faults(shared: &Shared, faults: Faults) -> HttpResponse {
+    shared.faults().set(faults);
+    if faults.is_none() {
+        tracing::info!(id = %shared.id, "faults cleared");
+    } else {
+        tracing::info!(
+            id = %shared.id,
+            latency_ms = faults.latency_ms(),
+            error_rate = faults.error_rate(),
+            "faults set"
+        );
+    }
+    HttpResponse::Ok().json(faults)
 }
 
 /// NDJSON, one `{"emitter_id","packet_id","index"}` line per remembered message. Streamed chunk by
@@ -471,4 +687,81 @@ fn audit_lines(entries: &[AuditEntry]) -> Result<Bytes, serde_json::Error> {
         }
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::TempDir;
+
+    fn shared_with(audit_log: AuditLog) -> Shared {
+        Shared {
+            id: "analyzer-t".into(),
+            started: Instant::now(),
+            state: Mutex::new(AnalyzerState::new(100)),
+            audit_log: Some(Mutex::new(audit_log)),
+            faults: Mutex::new(FaultInjector::default()),
+        }
+    }
+
+    fn message(emitter_id: &str, packet_id: &str, index: u32) -> serde_json::Value {
+        serde_json::json!({"emitter_id": emitter_id, "packet_id": packet_id, "index": index,
+            "timestamp": 1, "level": "INFO", "message": "m"})
+    }
+
+    #[test]
+    fn a_request_logs_only_its_new_messages_one_line_per_packet_in_first_seen_order() {
+        // Arrange: e/p/0 is already known.
+        let dir = TempDir::new("plan");
+        let path = dir.file("audit.ndjson");
+        let mut state = AnalyzerState::new(100);
+        let (log, _) = AuditLog::open(&path, &mut state).unwrap();
+        let shared = shared_with(log);
+        analyze_body(&shared, message("e", "p", 0).to_string().as_bytes()).unwrap();
+        let body = serde_json::json!([
+            message("e", "p", 0),
+            message("e", "q", 0),
+            message("e", "p", 1),
+            message("e", "p", 1),
+            message("e", "q", 3),
+        ]);
+
+        // Act
+        let answer = analyze_body(&shared, body.to_string().as_bytes()).unwrap();
+
+        // Assert
+        assert_eq!(answer, (3, 2));
+        assert_eq!(shared.lock().totals(), (4, 2));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            concat!(
+                "{\"emitter_id\":\"e\",\"packet_id\":\"p\",\"indexes\":[0]}\n",
+                "{\"emitter_id\":\"e\",\"packet_id\":\"q\",\"indexes\":[0,3]}\n",
+                "{\"emitter_id\":\"e\",\"packet_id\":\"p\",\"indexes\":[1]}\n",
+            )
+        );
+        let repeat = analyze_body(&shared, body.to_string().as_bytes()).unwrap();
+        assert_eq!(repeat, (0, 5));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+    }
+
+    #[test]
+    fn a_failed_audit_log_append_answers_500_and_records_nothing() {
+        // Arrange: a log whose file refuses writes.
+        let dir = TempDir::new("append-fails");
+        let path = dir.file("audit.ndjson");
+        std::fs::write(&path, b"").unwrap();
+        let read_only = std::fs::File::open(&path).unwrap();
+        let shared = shared_with(AuditLog::from_file(read_only, path.clone()));
+
+        // Act
+        let err = analyze_body(&shared, message("e", "p", 0).to_string().as_bytes()).unwrap_err();
+
+        // Assert
+        assert_eq!(err.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(err.to_string().contains("audit log"), "{err}");
+        let state = shared.lock();
+        assert_eq!(state.totals(), (0, 0));
+        assert!(!state.is_remembered("e", "p", 0));
+    }
 }

@@ -15,6 +15,12 @@
 //!   into one [`OTHER`] bucket instead of growing the map.
 //! * **Audit = what is remembered.** `/audit` lists the remembered packets' identities, so it is
 //!   exact as long as nothing has been forgotten (`forgotten_packets == 0`).
+//! * **Restored messages are identities only.** With an audit log (see [`crate::audit_log`]) the
+//!   server replays, at start, the identities recorded by earlier runs through
+//!   [`AnalyzerState::restore`]: they enter the de-duplication state in their original order and
+//!   count in `processed` (and in `restored`), but the level, emitter and template statistics and
+//!   `errors` are *not* restored (the log holds no message content). `error_rate` is therefore
+//!   computed over the messages recorded since this start only.
 //!
 //! This module does no I/O and never awaits: the server wraps [`AnalyzerState`] in one
 //! `std::sync::Mutex` and holds it only for the in-memory work of one call (invariant 9).
@@ -65,6 +71,16 @@ impl SeenIndexes {
         let fresh = self.dense[word] & bit == 0;
         self.dense[word] |= bit;
         fresh
+    }
+
+    /// Whether `index` is in the set.
+    pub fn contains(&self, index: u32) -> bool {
+        if index >= DENSE_LIMIT {
+            return self.sparse.contains(&index);
+        }
+        self.dense
+            .get((index / 64) as usize)
+            .is_some_and(|word| word & (1u64 << (index % 64)) != 0)
     }
 
     /// The indexes, ascending.
@@ -143,6 +159,14 @@ impl Dedup {
             self.forget_oldest();
         }
         true
+    }
+
+    /// Whether `index` of packet `(emitter_id, packet_id)` is remembered. Does not allocate.
+    fn contains(&self, emitter_id: &str, packet_id: &str, index: u32) -> bool {
+        self.packets
+            .get(emitter_id)
+            .and_then(|of_emitter| of_emitter.get(packet_id))
+            .is_some_and(|seen| seen.contains(index))
     }
 
     fn forget_oldest(&mut self) {
@@ -276,11 +300,16 @@ pub enum Sighting {
 /// Everything `/status` reports, copied out of the lock.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Statistics {
+    /// Distinct messages processed, including those restored from the audit log at start.
     pub processed: u64,
+    /// Of `processed`, the messages restored from the audit log at start. They are in no other
+    /// count below: the log holds identities, not levels or texts.
+    pub restored: u64,
     pub duplicates: u64,
     pub by_level: BTreeMap<String, u64>,
     pub by_emitter: BTreeMap<String, u64>,
     pub errors: u64,
+    /// `errors` over the messages processed since this start (`processed - restored`).
     pub error_rate: f64,
     pub top_templates: Vec<TemplateCount>,
     pub dedup_capacity_packets: usize,
@@ -301,8 +330,11 @@ pub struct AnalyzerState {
     /// counts so that a batch checked as "enabled" is recorded before a concurrent disable returns.
     pub enabled: bool,
     dedup: Dedup,
-    /// Distinct messages processed since start (forgotten packets' messages included).
+    /// Distinct messages processed since start (forgotten packets' messages included), plus those
+    /// restored from the audit log.
     processed: u64,
+    /// Messages counted in `processed` by [`AnalyzerState::restore`] rather than recorded.
+    restored: u64,
     duplicates: u64,
     errors: u64,
     by_level: BoundedCounter,
@@ -316,6 +348,7 @@ impl AnalyzerState {
             enabled: true,
             dedup: Dedup::new(dedup_capacity_packets),
             processed: 0,
+            restored: 0,
             duplicates: 0,
             errors: 0,
             by_level: BoundedCounter::new(MAX_LEVELS),
@@ -348,19 +381,48 @@ impl AnalyzerState {
         Sighting::New
     }
 
+    /// Whether the message `(emitter_id, packet_id, index)` is remembered, i.e. [`Self::record`]
+    /// would call it a duplicate. Lets the server decide what a request would record, and write
+    /// that to the audit log, before it changes anything.
+    pub fn is_remembered(&self, emitter_id: &str, packet_id: &str, index: u32) -> bool {
+        self.dedup.contains(emitter_id, packet_id, index)
+    }
+
+    /// Count one duplicate sighting without looking the message up: for a message the server has
+    /// already classified as a repeat (see [`Self::is_remembered`]).
+    pub fn count_duplicate(&mut self) {
+        self.duplicates += 1;
+    }
+
+    /// Remember a message recorded by an earlier run (replayed from the audit log): it enters the
+    /// de-duplication state exactly like [`Self::record`] would put it there, and counts in
+    /// `processed` and `restored`, but in none of the level, emitter, template or error counts.
+    /// A message already remembered changes nothing (not even `duplicates`): a replay is not a
+    /// sighting.
+    pub fn restore(&mut self, emitter_id: &str, packet_id: &str, index: u32) -> Sighting {
+        if !self.dedup.insert(emitter_id, packet_id, index) {
+            return Sighting::Duplicate;
+        }
+        self.processed += 1;
+        self.restored += 1;
+        Sighting::New
+    }
+
     /// `(distinct messages processed, duplicates seen)`.
     pub fn totals(&self) -> (u64, u64) {
         (self.processed, self.duplicates)
     }
 
     pub fn statistics(&self) -> Statistics {
-        let error_rate = if self.processed == 0 {
+        let recorded = self.processed - self.restored;
+        let error_rate = if recorded == 0 {
             0.0
         } else {
-            self.errors as f64 / self.processed as f64
+            self.errors as f64 / recorded as f64
         };
         Statistics {
             processed: self.processed,
+            restored: self.restored,
             duplicates: self.duplicates,
             by_level: self.by_level.to_map(),
             by_emitter: self.by_emitter.to_map(),
@@ -476,6 +538,39 @@ mod tests {
         assert_eq!(s.statistics().forgotten_packets, 1);
         assert_eq!(s.record("e", "p1", 0, "info", "m"), Sighting::New);
         assert_eq!(s.totals(), (4, 1));
+    }
+
+    #[test]
+    fn restored_messages_are_remembered_and_processed_but_not_in_the_statistics() {
+        let mut s = AnalyzerState::new(10);
+        assert_eq!(s.restore("e", "p", 0), Sighting::New);
+        assert_eq!(s.restore("e", "p", 1), Sighting::New);
+        assert_eq!(s.restore("e", "p", 1), Sighting::Duplicate);
+        assert!(s.is_remembered("e", "p", 1));
+        assert!(!s.is_remembered("e", "p", 2));
+        assert!(!s.is_remembered("e", "q", 0));
+
+        assert_eq!(s.record("e", "p", 1, "INFO", "m"), Sighting::Duplicate);
+        assert_eq!(s.record("e", "p", 2, "ERROR", "m"), Sighting::New);
+
+        let st = s.statistics();
+        assert_eq!((st.processed, st.restored, st.duplicates), (3, 2, 1));
+        assert_eq!(st.by_level, BTreeMap::from([("ERROR".to_owned(), 1)]));
+        assert_eq!(
+            st.error_rate, 1.0,
+            "over messages recorded since start only"
+        );
+    }
+
+    #[test]
+    fn seen_indexes_contains_exactly_what_was_inserted() {
+        let mut seen = SeenIndexes::default();
+        for i in [0, 63, 64, 4095, 4096, u32::MAX] {
+            assert!(!seen.contains(i));
+            seen.insert(i);
+            assert!(seen.contains(i));
+        }
+        assert!(!seen.contains(1) && !seen.contains(200) && !seen.contains(5000));
     }
 
     #[test]

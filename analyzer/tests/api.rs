@@ -3,6 +3,8 @@
 use logdist_config::AnalyzerSettings;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -23,13 +25,31 @@ impl Drop for TestApp {
 }
 
 async fn spawn_app(dedup_capacity_packets: usize) -> TestApp {
+    spawn_app_with(AnalyzerSettings {
+        dedup_capacity_packets,
+        ..AnalyzerSettings::default()
+    })
+    .await
+}
+
+/// An analyzer keeping its audit log in `path`.
+async fn spawn_app_with_audit_log(path: &Path) -> TestApp {
+    spawn_app_with(AnalyzerSettings {
+        dedup_capacity_packets: 100,
+        audit_log: Some(path.to_owned()),
+        ..AnalyzerSettings::default()
+    })
+    .await
+}
+
+/// The real server on `127.0.0.1:0` with `settings` (its id and port replaced).
+async fn spawn_app_with(settings: AnalyzerSettings) -> TestApp {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let settings = AnalyzerSettings {
         id: "analyzer-t".into(),
         port: addr.port(),
-        dedup_capacity_packets,
-        ..AnalyzerSettings::default()
+        ..settings
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let served = tokio::spawn(analyzer::run(listener, settings, async move {
@@ -45,6 +65,31 @@ async fn spawn_app(dedup_capacity_packets: usize) -> TestApp {
 }
 
 impl TestApp {
+    /// Stop the server and wait until `run` returned, so that nothing of it is left running.
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(served) = self.served.take() {
+            let result = tokio::time::timeout(Duration::from_secs(15), served)
+                .await
+                .expect("run did not return in time");
+            assert!(result.unwrap().is_ok());
+        }
+    }
+
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .client
+            .delete(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
     async fn post(&self, path: &str, content_type: &str, body: impl Into<Vec<u8>>) -> (u16, Value) {
         let resp = self
             .client
@@ -117,6 +162,33 @@ impl TestApp {
             assert!(fresh, "audit repeats {line}");
         }
         set
+    }
+}
+
+/// A fresh, empty directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "analyzer-api-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -603,4 +675,404 @@ async fn a_chunked_body_growing_past_the_limit_gets_a_413_json_error() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("{\"error\":"), "{answer}");
     assert_eq!(app.get("/health").await.0, 200);
+}
+
+// ---- Fault injection -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_are_shown_set_cleared_and_reported_in_status() {
+    // Arrange
+    let app = spawn_app(100).await;
+    let none = json!({"latency_ms": 0, "error_rate": 0.0});
+
+    // Act
+    let initially = app.get("/faults").await;
+    let set = app
+        .post(
+            "/faults",
+            "application/json",
+            r#"{"latency_ms": 5, "error_rate": 0.25}"#,
+        )
+        .await;
+    let shown = app.get("/faults").await;
+    let in_status = app.get("/status").await.1["faults"].clone();
+    let only_latency = app
+        .post("/faults", "application/json", r#"{"latency_ms": 7}"#)
+        .await;
+    let empty_object = app.post("/faults", "application/json", "{}").await;
+    app.post("/faults", "application/json", r#"{"error_rate": 1}"#)
+        .await;
+    let deleted = app.delete("/faults").await;
+    let finally = app.get("/faults").await;
+
+    // Assert
+    let some = json!({"latency_ms": 5, "error_rate": 0.25});
+    assert_eq!(initially, (200, none.clone()));
+    assert_eq!(set, (200, some.clone()));
+    assert_eq!(shown, (200, some.clone()));
+    assert_eq!(in_status, some);
+    assert_eq!(
+        only_latency,
+        (200, json!({"latency_ms": 7, "error_rate": 0.0})),
+        "a missing field means 0"
+    );
+    assert_eq!(empty_object, (200, none.clone()), "{{}} clears all faults");
+    assert_eq!(deleted, (200, none.clone()));
+    assert_eq!(finally, (200, none));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_faults_get_a_4xx_json_error_and_change_nothing() {
+    // Arrange
+    let app = spawn_app(100).await;
+    let set = json!({"latency_ms": 3, "error_rate": 0.5});
+    app.post("/faults", "application/json", set.to_string())
+        .await;
+    let cases = [
+        ("application/json", "{\"error_rate\": ", 400),
+        ("application/json", "", 400),
+        ("application/json", "[]", 400),
+        ("application/json", "null", 400),
+        ("application/json", r#"{"error_rate": "0.5"}"#, 400),
+        ("application/json", r#"{"error_rate": null}"#, 400),
+        ("application/json", r#"{"error_rate": 1.5}"#, 400),
+        ("application/json", r#"{"error_rate": -0.1}"#, 400),
+        ("application/json", r#"{"error_rate": 1e999}"#, 400),
+        ("application/json", r#"{"latency_ms": 600001}"#, 400),
+        ("application/json", r#"{"latency_ms": -1}"#, 400),
+        ("application/json", r#"{"latency_ms": 2.5}"#, 400),
+        (
+            "application/json",
+            r#"{"latency_ms": 1, "eror_rate": 0.5}"#,
+            400,
+        ),
+        ("text/plain", r#"{"latency_ms": 1}"#, 415),
+    ];
+
+    // Act
+    let mut answers = Vec::new();
+    for (content_type, body, _) in cases {
+        answers.push(app.post("/faults", content_type, body).await);
+    }
+    let oversized = app
+        .post("/faults", "application/json", vec![b' '; 1 << 20])
+        .await;
+    let put = app
+        .client
+        .put(format!("{}/faults", app.base))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+
+    // Assert
+    for ((status, answer), (_, body, expected)) in answers.iter().zip(cases) {
+        assert_eq!(*status, expected, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{body}: {answer}"
+        );
+    }
+    let named = |i: usize, field: &str| {
+        let error = answers[i].1["error"].as_str().unwrap_or_default();
+        assert!(error.contains(field), "{}: {error}", cases[i].1);
+    };
+    named(6, "error_rate");
+    named(9, "latency_ms");
+    named(12, "eror_rate");
+    assert_eq!(oversized.0, 413);
+    assert!(oversized.1["error"].is_string());
+    assert_eq!(put, 405);
+    assert_eq!(app.get("/faults").await, (200, set));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn injected_latency_delays_analyze_by_at_least_the_latency() {
+    // Arrange
+    let app = spawn_app(100).await;
+    app.post("/faults", "application/json", r#"{"latency_ms": 300}"#)
+        .await;
+    let body = batch(vec![packet("e", "p", vec![msg("INFO", "a")])]);
+
+    // Act
+    let started = Instant::now();
+    let answer = app.analyze(&body).await;
+    let elapsed = started.elapsed();
+
+    // Assert
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert_eq!(answer, (200, json!({"processed": 1, "duplicates": 0})));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_leave_health_status_and_audit_unaffected_while_analyze_waits() {
+    // Arrange: every /analyze waits a minute and then fails.
+    let app = spawn_app(100).await;
+    app.post(
+        "/faults",
+        "application/json",
+        r#"{"latency_ms": 60000, "error_rate": 1}"#,
+    )
+    .await;
+    let slow = {
+        let client = app.client.clone();
+        let url = format!("{}/analyze", app.base);
+        let body = batch(vec![packet("e", "p", vec![msg("INFO", "a")])]).to_string();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+        })
+    };
+
+    // Act: while the request sleeps (both workers are free to answer).
+    let health = app.get("/health").await;
+    let status = app.get("/status").await;
+    let audit = app.audit().await;
+
+    // Assert
+    assert_eq!(health, (200, json!({"status": "ok", "id": "analyzer-t"})));
+    assert_eq!(status.0, 200);
+    assert!(audit.is_empty());
+    assert!(!slow.is_finished(), "the analyze request is still sleeping");
+    slow.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn error_rate_one_half_fails_exactly_every_second_request_and_those_record_nothing() {
+    // Arrange
+    let app = spawn_app(100).await;
+    let set = app
+        .post("/faults", "application/json", r#"{"error_rate": 0.5}"#)
+        .await;
+    assert_eq!(set.0, 200);
+
+    // Act: 10 requests, each with its own packet of 2 messages; a malformed request in between
+    // gets its 400 and does not count.
+    let mut answers = Vec::new();
+    for p in 0..10 {
+        let body = batch(vec![packet(
+            "e",
+            &format!("p{p}"),
+            vec![msg("INFO", "a"), msg("INFO", "b")],
+        )]);
+        answers.push(app.analyze(&body).await);
+        if p == 0 {
+            let malformed = app.post("/analyze", "application/json", "{").await;
+            assert_eq!(malformed.0, 400);
+        }
+    }
+
+    // Assert
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses, [200, 500].repeat(5));
+    for (status, answer) in &answers {
+        if *status == 500 {
+            let error = answer["error"].as_str().unwrap();
+            assert!(error.starts_with("injected fault: "), "{error}");
+        } else {
+            assert_eq!(*answer, json!({"processed": 2, "duplicates": 0}));
+        }
+    }
+    let expected: BTreeSet<_> = (0..10)
+        .step_by(2)
+        .flat_map(|p| identities("e", &format!("p{p}"), 2))
+        .collect();
+    assert_eq!(
+        app.audit().await,
+        expected,
+        "failed requests recorded nothing"
+    );
+    assert_eq!(
+        app.processed().await,
+        json!({"processed": 10, "duplicates": 0})
+    );
+}
+
+// ---- Audit log -------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_analyzer_replays_its_audit_log_and_counts_resent_messages_as_duplicates() {
+    // Arrange: a first run records three packets (one of them in two requests) and a repeat.
+    let dir = TempDir::new("restart");
+    let log = dir.file("audit.ndjson");
+    let first = spawn_app_with_audit_log(&log).await;
+    let body = batch(vec![
+        packet("e1", "p1", vec![msg("INFO", "a"), msg("ERROR", "b")]),
+        packet("e2", "p1", vec![msg("INFO", "c")]),
+    ]);
+    assert_eq!(first.analyze(&body).await.0, 200);
+    assert_eq!(first.analyze(&body).await.1["duplicates"], json!(3));
+    let solo = json!({"emitter_id": "e3", "packet_id": "q", "index": 7, "timestamp": 1, "level": "I", "message": "m"});
+    assert_eq!(first.analyze(&solo).await.0, 200);
+    let before = first.audit().await;
+    first.stop().await;
+
+    // Act
+    let second = spawn_app_with_audit_log(&log).await;
+    let audited = second.audit().await;
+    let status = second.get("/status").await.1;
+    let resent = second.analyze(&body).await;
+    let resent_solo = second.analyze(&solo).await;
+
+    // Assert
+    let mut expected: BTreeSet<_> = identities("e1", "p1", 2).into_iter().collect();
+    expected.extend(identities("e2", "p1", 1));
+    expected.insert(("e3".into(), "q".into(), 7));
+    assert_eq!(before, expected);
+    assert_eq!(audited, expected);
+    assert_eq!(status["processed"], json!(4));
+    assert_eq!(status["restored"], json!(4));
+    assert_eq!(status["errors"], json!(0), "statistics are not restored");
+    assert_eq!(resent, (200, json!({"processed": 0, "duplicates": 3})));
+    assert_eq!(resent_solo, (200, json!({"processed": 0, "duplicates": 1})));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        3,
+        "one line per packet per request that recorded something"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_last_audit_log_line_is_ignored_and_later_appends_stay_readable() {
+    // Arrange: one whole line, then a write cut short by a kill.
+    let dir = TempDir::new("torn");
+    let log = dir.file("audit.ndjson");
+    std::fs::write(
+        &log,
+        "{\"emitter_id\":\"e\",\"packet_id\":\"p\",\"indexes\":[0,1]}\n{\"emitter_id\":\"e\",\"pac",
+    )
+    .unwrap();
+
+    // Act
+    let app = spawn_app_with_audit_log(&log).await;
+    let audited = app.audit().await;
+    let recorded = app
+        .analyze(&batch(vec![packet("e", "r", vec![msg("INFO", "a")])]))
+        .await;
+    app.stop().await;
+    let restarted = spawn_app_with_audit_log(&log).await;
+
+    // Assert
+    assert_eq!(audited, identities("e", "p", 2).into_iter().collect());
+    assert_eq!(recorded, (200, json!({"processed": 1, "duplicates": 0})));
+    let mut expected: BTreeSet<_> = identities("e", "p", 2).into_iter().collect();
+    expected.extend(identities("e", "r", 1));
+    assert_eq!(restarted.audit().await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupt_audit_log_line_before_the_last_fails_the_start_naming_the_line() {
+    // Arrange
+    let dir = TempDir::new("corrupt");
+    let log = dir.file("audit.ndjson");
+    let content = concat!(
+        "{\"emitter_id\":\"e\",\"packet_id\":\"p\",\"indexes\":[0]}\n",
+        "garbage\n",
+        "{\"emitter_id\":\"e\",\"packet_id\":\"q\",\"indexes\":[0]}\n",
+    );
+    std::fs::write(&log, content).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let settings = AnalyzerSettings {
+        audit_log: Some(log.clone()),
+        ..AnalyzerSettings::default()
+    };
+
+    // Act
+    let result = tokio::time::timeout(
+        Duration::from_secs(15),
+        analyzer::run(listener, settings, std::future::pending()),
+    )
+    .await
+    .expect("run should fail at once");
+
+    // Assert
+    let err = format!(
+        "{:#}",
+        result.expect_err("a corrupt audit log must stop the start")
+    );
+    assert!(err.contains("line 2"), "{err}");
+    assert!(err.contains(&log.display().to_string()), "{err}");
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), content, "untouched");
+}
+
+/// The real binary, started with `--port 0 --audit-log <log>`; returns it and its address.
+async fn start_binary(log: &Path) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_analyzer"))
+        .args(["--id", "analyzer-k", "--port", "0", "--audit-log"])
+        .arg(log)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .expect("no `listening on` line in time")
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (child, format!("http://{addr}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_analyzer_restarted_with_its_audit_log_lists_every_acknowledged_message() {
+    // Arrange
+    let dir = TempDir::new("sigkill");
+    let log = dir.file("audit.ndjson");
+    let (mut child, base) = start_binary(&log).await;
+    let client = reqwest::Client::new();
+    let mut acknowledged = BTreeSet::new();
+    for p in 0..20 {
+        let pid = format!("p{p}");
+        let body = batch(vec![packet(
+            "e",
+            &pid,
+            (0..5).map(|i| msg("INFO", &format!("m{i}"))).collect(),
+        )]);
+        let resp = client
+            .post(format!("{base}/analyze"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        acknowledged.extend(identities("e", &pid, 5));
+    }
+
+    // Act: SIGKILL, no chance to flush or clean up; then start again on the same log.
+    child.kill().await.unwrap();
+    let (_restarted, base) = start_binary(&log).await;
+    let app = TestApp {
+        base,
+        addr: "127.0.0.1:0".parse().unwrap(),
+        client,
+        stop: None,
+        served: None,
+    };
+
+    // Assert
+    assert_eq!(app.audit().await, acknowledged);
+    let resent = app
+        .analyze(&batch(vec![packet(
+            "e",
+            "p0",
+            (0..5).map(|i| msg("INFO", &format!("m{i}"))).collect(),
+        )]))
+        .await;
+    assert_eq!(resent, (200, json!({"processed": 0, "duplicates": 5})));
 }

@@ -338,6 +338,11 @@ pub struct AnalyzerSettings {
     /// Packets remembered for de-duplication and `/audit`. Beyond it the oldest are forgotten
     /// (and `/status` says how many), so memory stays bounded.
     pub dedup_capacity_packets: usize,
+    /// Append-only file in which the analyzer notes every message it records, replayed at start so
+    /// that a killed analyzer still knows (and `/audit` still lists) what it processed. `None`
+    /// keeps that knowledge in memory only. Written without fsync: it survives a process kill, not
+    /// a power loss. Grows by one line per packet and is never compacted.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for AnalyzerSettings {
@@ -347,6 +352,7 @@ impl Default for AnalyzerSettings {
             host: "127.0.0.1".into(),
             port: 8082,
             dedup_capacity_packets: 1_000_000,
+            audit_log: None,
         }
     }
 }
@@ -358,6 +364,13 @@ impl Validate for AnalyzerSettings {
         }
         if self.dedup_capacity_packets == 0 {
             return invalid("`dedup_capacity_packets` must be > 0");
+        }
+        if self
+            .audit_log
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return invalid("`audit_log` must not be empty (leave it out to keep no audit log)");
         }
         Ok(())
     }
@@ -527,6 +540,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn the_analyzer_audit_log_is_off_by_default_and_set_by_file_or_env() {
+        Jail::expect_with(|jail| {
+            let none = CommonFlags::default();
+            let s: AnalyzerSettings = load(None, "ANALYZER_", &none).unwrap();
+            assert_eq!(s.audit_log, None);
+            jail.create_file("a.toml", "audit_log = \"data/a.ndjson\"\n")?;
+            let s: AnalyzerSettings = load(Some(Path::new("a.toml")), "ANALYZER_", &none).unwrap();
+            assert_eq!(s.audit_log, Some(PathBuf::from("data/a.ndjson")));
+            jail.create_file("empty.toml", "audit_log = \"\"\n")?;
+            let err =
+                load::<AnalyzerSettings, _>(Some(Path::new("empty.toml")), "ANALYZER_", &none)
+                    .unwrap_err();
+            assert!(err.to_string().contains("audit_log"), "{err}");
+            jail.set_env("ANALYZER_AUDIT_LOG", "/tmp/b.ndjson");
+            let s: AnalyzerSettings = load(Some(Path::new("a.toml")), "ANALYZER_", &none).unwrap();
+            assert_eq!(s.audit_log, Some(PathBuf::from("/tmp/b.ndjson")));
+            Ok(())
+        });
     }
 
     #[test]
