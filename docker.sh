@@ -51,6 +51,14 @@ Usage: ./docker.sh VERB [ARGS]
                              beyond the tolerance (default 1 percentage point)
   verify-delivery            acknowledged vs processed, message by message; exit 1 if
                              anything acknowledged was lost
+  crash-test [--long] [--cycles N] [--scenario NAME|all] [--fault-secs S] [--seed N]
+                             fault-injection suite on native processes of its own
+                             (ports picked free, files under .run/crash-test): kills,
+                             SIGTERM, flapping, slow and failing analyzers, all down,
+                             disk full, torn WAL, bad input; prints a table, exit 1 if
+                             an acknowledged message was lost. --long: 100 SIGKILL
+                             cycles, 20 s faults, then the property tests and the WAL
+                             crash test with long settings
   build-image                build the logdist:local image only
   render-compose [N]         print the compose file for N analyzers (docker/ holds N=3)
   render-config [N]          print the distributor's settings for N analyzers in compose
@@ -453,6 +461,27 @@ cmd_verify_delivery() {
   "$BIN/emitter" verify-delivery --emitter "$EMITTER_URL" "${flags[@]}" "$@"
 }
 
+cmd_crash_test() {
+  local long=0
+  local -a args=()
+  for arg in "$@"; do
+    if [[ "$arg" == --long ]]; then long=1; else args+=("$arg"); fi
+  done
+  build
+  if ((long)); then args=(--cycles 100 --fault-secs 20 "${args[@]}"); fi
+  local status=0
+  mkdir -p "$RUN/crash-test"
+  "$BIN/emitter" crash-test --bin-dir "$BIN" --work-dir "$RUN/crash-test" \
+    --table "$RUN/crash-test/table.md" "${args[@]}" || status=$?
+  if ((long)); then
+    say "property tests, long mode (PROPTEST_CASES=${PROPTEST_CASES:=20000})"
+    (cd "$ROOT" && PROPTEST_CASES="$PROPTEST_CASES" cargo test --release -q -p logdist-proto -p logdist-distributor --test props --test wal_props) || status=1
+    say "WAL crash test, long mode (LOGDIST_WAL_CRASH_CYCLES=${LOGDIST_WAL_CRASH_CYCLES:=300})"
+    (cd "$ROOT" && LOGDIST_WAL_CRASH_CYCLES="$LOGDIST_WAL_CRASH_CYCLES" cargo test --release -q -p logdist-distributor --test wal_crash) || status=1
+  fi
+  return "$status"
+}
+
 verb=${1:-help}
 shift || true
 case "$verb" in
@@ -466,6 +495,7 @@ case "$verb" in
   enable|disable) need curl; cmd_switch "$verb" "$@" ;;
   verify-weights) cmd_verify_weights "$@" ;;
   verify-delivery) cmd_verify_delivery "$@" ;;
+  crash-test) cmd_crash_test "$@" ;;
   build-image) docker_answers || die "no Docker engine answers"; docker_build ;;
   render-compose) render_compose "${1:-3}" ;;
   render-config) render_distributor_toml "${1:-3}" ;;

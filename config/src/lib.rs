@@ -130,6 +130,11 @@ pub struct LimitSettings {
     pub max_messages_per_packet: usize,
     /// Longest `emitter_id` or `packet_id`, in bytes.
     pub max_id_bytes: usize,
+    /// Longest single message (its JSON object), in bytes; at most 1 MiB, the analyzers' limit.
+    pub max_message_bytes: usize,
+    /// How long a request body may take to arrive in full (408 beyond): a client that announces a
+    /// body and stalls (slow-loris) holds a connection at most this long.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for LimitSettings {
@@ -138,6 +143,8 @@ impl Default for LimitSettings {
             max_body_bytes: 4 * 1024 * 1024,
             max_messages_per_packet: 1000,
             max_id_bytes: 128,
+            max_message_bytes: logdist_proto::MAX_MESSAGE_BYTES,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -274,6 +281,11 @@ impl Validate for DistributorSettings {
                 self.limits.max_messages_per_packet as u64,
             ),
             ("limits.max_id_bytes", self.limits.max_id_bytes as u64),
+            (
+                "limits.max_message_bytes",
+                self.limits.max_message_bytes as u64,
+            ),
+            ("limits.body_timeout_ms", self.limits.body_timeout_ms),
             ("wal.max_pending_messages", self.wal.max_pending_messages),
         ] {
             if value == 0 {
@@ -284,6 +296,12 @@ impl Validate for DistributorSettings {
         if self.limits.max_id_bytes > MAX_ID_BYTES {
             return invalid(format!(
                 "`limits.max_id_bytes` must be at most {MAX_ID_BYTES}"
+            ));
+        }
+        if self.limits.max_message_bytes > logdist_proto::MAX_MESSAGE_BYTES {
+            return invalid(format!(
+                "`limits.max_message_bytes` must be at most {} (the analyzers' limit)",
+                logdist_proto::MAX_MESSAGE_BYTES
             ));
         }
         // Any accepted packet must fit in one analyzer request (analyzers take up to 64 MiB).

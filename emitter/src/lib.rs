@@ -9,9 +9,11 @@
 //! * [`sender`]: many packets with bounded concurrency, outcomes recorded in the ledger;
 //! * [`ledger`]: counters and the bounded log of acknowledged packets;
 //! * [`server`]: the HTTP API (`/generate`, `/start`, `/stop`, `/stats`, `/acknowledged`);
-//! * [`verify`]: delivery and weight checks, pure functions plus thin fetch wrappers.
+//! * [`verify`]: delivery and weight checks, pure functions plus thin fetch wrappers;
+//! * [`crashtest`]: the fault-injection suite (`emitter crash-test`).
 
 pub mod client;
+pub mod crashtest;
 pub mod generate;
 pub mod ledger;
 pub mod sender;

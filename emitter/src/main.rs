@@ -48,6 +48,14 @@ enum Command {
     /// Compares the emitter's GET /acknowledged with every analyzer's GET /audit. Exit code 1 if an
     /// acknowledged message is missing from every audit, 2 if something could not be fetched.
     VerifyDelivery(VerifyDeliveryArgs),
+    /// Fault-injection suite: run scenarios against a real topology and count every message.
+    ///
+    /// Each scenario starts three analyzers and a distributor from --bin-dir in its own directory,
+    /// emits continuously, injects its fault (kills, SIGTERM, flapping, latency, 500s, all
+    /// analyzers down, a full disk, a torn WAL, bad requests), heals, drains, and compares what
+    /// was acknowledged with every analyzer's GET /audit. Prints one markdown table on stdout.
+    /// Exit code 1 if an acknowledged message was lost or a scenario's check failed.
+    CrashTest(CrashTestArgs),
     /// Health check only: GET the URL, exit 0 on a 2xx, 1 otherwise (for container health checks;
     /// the images carry no curl).
     Probe {
@@ -121,6 +129,63 @@ struct VerifyDeliveryArgs {
     /// Discover analyzer endpoints from this distributor's GET /health.
     #[arg(long, value_name = "URL")]
     distributor: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CrashTestArgs {
+    /// Scenario to run (repeatable); `all` runs every one.
+    #[arg(long, value_name = "NAME|all", default_value = "all", value_parser = parse_scenario)]
+    scenario: Vec<ScenarioChoice>,
+    /// SIGKILL cycles of distributor-kill; the other kill scenarios scale with it.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    cycles: u32,
+    /// How long each timed fault (flapping, latency, errors, outage) lasts, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 4.0)]
+    fault_secs: f64,
+    /// Emission rate over all emitters, messages per second.
+    #[arg(long, default_value_t = 4000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    rate: u64,
+    /// Directory with the distributor and analyzer binaries [default: this binary's directory].
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Scratch directory; each scenario uses (and first empties) a subdirectory.
+    #[arg(long, value_name = "DIR", default_value = ".run/crash-test")]
+    work_dir: PathBuf,
+    /// Seed of the random choices (kill moments, flapping); printed, so a run can be repeated.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run the distributor with `wal.fsync = false` to see the suite catch lost acknowledged
+    /// messages (a check of the checker; never for real use).
+    #[arg(long, hide = true)]
+    break_durability: bool,
+    /// Also write the table to this file.
+    #[arg(long, value_name = "FILE")]
+    table: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ScenarioChoice {
+    All,
+    One(emitter::crashtest::Scenario),
+}
+
+fn parse_scenario(s: &str) -> Result<ScenarioChoice, String> {
+    use clap::ValueEnum;
+    if s == "all" {
+        return Ok(ScenarioChoice::All);
+    }
+    emitter::crashtest::Scenario::from_str(s, false)
+        .map(ScenarioChoice::One)
+        .map_err(|_| {
+            let names: Vec<&str> = emitter::crashtest::Scenario::ALL
+                .iter()
+                .map(|s| s.name())
+                .collect();
+            format!(
+                "unknown scenario {s:?}; expected all or one of {}",
+                names.join(", ")
+            )
+        })
 }
 
 /// Flags merged last over the file and environment; unset flags leave lower layers alone.
@@ -197,6 +262,7 @@ async fn main() -> ExitCode {
         Command::Send(args) => send(args).await,
         Command::VerifyWeights(args) => verify_weights(args).await,
         Command::VerifyDelivery(args) => verify_delivery(args).await,
+        Command::CrashTest(args) => crash_test(args).await,
         Command::Probe { .. } => Ok(ExitCode::SUCCESS),
     };
     match outcome {
@@ -364,6 +430,71 @@ async fn verify_weights(args: VerifyWeightsArgs) -> anyhow::Result<ExitCode> {
     let report = verify::verify_weights(&observed, &weights, args.tolerance);
     print!("{report}");
     Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn crash_test(args: CrashTestArgs) -> anyhow::Result<ExitCode> {
+    use emitter::crashtest::{self, Scenario};
+    let mut scenarios = Vec::new();
+    for choice in &args.scenario {
+        match choice {
+            ScenarioChoice::All => scenarios.extend(Scenario::ALL),
+            ScenarioChoice::One(s) => scenarios.push(*s),
+        }
+    }
+    scenarios.dedup();
+    let bin_dir = match args.bin_dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()
+            .context("cannot find this binary's path")?
+            .parent()
+            .context("this binary has no directory")?
+            .to_owned(),
+    };
+    for name in ["distributor", "analyzer"] {
+        let path = bin_dir.join(name);
+        if !path.is_file() {
+            anyhow::bail!(
+                "no {name} binary at {} (build with `cargo build --release`, or pass --bin-dir)",
+                path.display()
+            );
+        }
+    }
+    if !(args.fault_secs.is_finite() && args.fault_secs > 0.0 && args.fault_secs <= 3600.0) {
+        anyhow::bail!(
+            "--fault-secs must be within (0, 3600], got {}",
+            args.fault_secs
+        );
+    }
+    let seed = args.seed.unwrap_or_else(emitter::generate::now_ms);
+    let options = crashtest::Options {
+        bin_dir,
+        work_dir: std::path::absolute(&args.work_dir).context("bad --work-dir")?,
+        cycles: args.cycles,
+        fault_duration: Duration::from_secs_f64(args.fault_secs),
+        rate: args.rate,
+        break_durability: args.break_durability,
+        seed,
+    };
+    eprintln!(
+        "crash-test: {} scenario(s), seed {seed}, {} cycles, faults of {} s, {} msg/s, in {}",
+        scenarios.len(),
+        options.cycles,
+        args.fault_secs,
+        options.rate,
+        options.work_dir.display()
+    );
+    let rows = crashtest::run(&options, &scenarios).await;
+    let table = crashtest::Table(&rows).to_string();
+    println!("{table}");
+    if let Some(path) = &args.table {
+        std::fs::write(path, format!("{table}\n"))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(if rows.iter().all(crashtest::Row::passed) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -43,7 +43,14 @@ pub struct Limits {
     pub max_id_bytes: usize,
     /// Longest `level`, in bytes.
     pub max_level_bytes: usize,
+    /// Longest message, in bytes of its JSON object as sent.
+    pub max_message_bytes: usize,
 }
+
+/// Default (and largest configurable) [`Limits::max_message_bytes`]: 1 MiB, like Kafka's default
+/// `message.max.bytes`. Analyzers check messages against the default, so the distributor may only
+/// lower it.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -51,6 +58,7 @@ impl Default for Limits {
             max_messages: 1000,
             max_id_bytes: 128,
             max_level_bytes: 32,
+            max_message_bytes: MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -163,6 +171,13 @@ pub struct LogMessage<'a> {
 impl<'a> LogMessage<'a> {
     /// Parse and check one message; the error says what is wrong with it.
     pub fn parse(raw: &'a str, limits: &Limits) -> Result<Self, String> {
+        if raw.len() > limits.max_message_bytes {
+            return Err(format!(
+                "message is {} bytes, longer than the limit of {}",
+                raw.len(),
+                limits.max_message_bytes
+            ));
+        }
         let msg: LogMessage<'a> = serde_json::from_str(raw).map_err(|e| e.to_string())?;
         check_timestamp(msg.timestamp.get()).map_err(|e| format!("`timestamp` {e}"))?;
         if msg.level.is_empty() {
@@ -389,6 +404,7 @@ mod tests {
             max_messages: 1,
             max_id_bytes: 2,
             max_level_bytes: 32,
+            max_message_bytes: 200,
         };
         let err = parse_packet(GOOD.as_bytes(), &l).unwrap_err();
         assert_eq!(err, PacketError::TooManyMessages { count: 2, limit: 1 });
