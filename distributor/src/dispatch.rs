@@ -24,8 +24,12 @@
 //!   assigned to the others at once, so nothing waits on a down analyzer while another is healthy.
 //! * At most `window_records` records are in memory; the rest of the backlog stays on disk
 //!   (invariant 6).
+//! * When the WAL was reopened after a storage failure (its generation changed), removals that did
+//!   not reach the disk may have made delivered records pending again: the dispatcher retries its
+//!   failed removals, then reads the WAL again from the start, skipping what its window already
+//!   holds, so such a record is delivered again (a duplicate) rather than left on disk unseen.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +42,7 @@ use crate::commit::GroupCommit;
 use crate::delivery::{self, Backoff, Endpoint, SendFailure};
 use crate::selector::{slot_bit, Selector, SlotSet};
 use crate::stats::Shared;
-use crate::wal::{StoredRecord, Wal};
+use crate::wal::{StoredRecord, Wal, WalError};
 
 /// Tunables of the dispatcher (from `DispatchSettings`).
 #[derive(Debug, Clone)]
@@ -104,6 +108,8 @@ pub struct Dispatcher {
     window_bytes: usize,
     /// Delivered records whose removal from the WAL failed; retried every redelivery tick.
     removals_to_retry: Vec<(u64, u32)>,
+    /// The WAL generation the window was read from (see `Wal::generation`).
+    seen_generation: u64,
     outcomes_tx: mpsc::UnboundedSender<Outcome>,
     outcomes_rx: mpsc::UnboundedReceiver<Outcome>,
     in_flight_batches: usize,
@@ -132,7 +138,9 @@ impl Dispatcher {
             })
             .collect();
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
+        let seen_generation = wal.generation();
         Self {
+            seen_generation,
             wal,
             commit,
             shared,
@@ -198,6 +206,21 @@ impl Dispatcher {
 
     /// Load records from the WAL into the window, in seq order, up to its bounds.
     fn fill_window(&mut self) {
+        let generation = self.wal.generation();
+        if generation != self.seen_generation {
+            self.seen_generation = generation;
+            if !self.removals_to_retry.is_empty() {
+                let retry = std::mem::take(&mut self.removals_to_retry);
+                self.remove_delivered(retry);
+            }
+            tracing::info!(
+                generation,
+                "the WAL was reopened; reading it again from the start"
+            );
+            self.next_scan = 0;
+        }
+        // Delivered, removal still to be retried: not pending, even though the WAL has them.
+        let delivered: HashSet<u64> = self.removals_to_retry.iter().map(|(s, _)| *s).collect();
         while self.window.len() < self.cfg.window_records
             && self.window_bytes < self.cfg.window_max_bytes
         {
@@ -205,6 +228,7 @@ impl Dispatcher {
             let room = (self.cfg.window_records - self.window.len()).min(64);
             let records = match self.wal.read_pending(self.next_scan, room) {
                 Ok(r) => r,
+                Err(WalError::Unavailable { .. }) => return,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the WAL; will retry");
                     return;
@@ -215,6 +239,9 @@ impl Dispatcher {
             }
             for record in records {
                 self.next_scan = record.seq + 1;
+                if self.window.contains_key(&record.seq) || delivered.contains(&record.seq) {
+                    continue;
+                }
                 self.unassigned.push_back(record.seq);
                 self.window_bytes += record.size();
                 self.window.insert(
@@ -293,8 +320,13 @@ impl Dispatcher {
             Ok(()) => self.commit.flush_soon(),
             Err(e) => {
                 // Delivered but still on disk: retried every tick; a restart meanwhile delivers
-                // them again (duplicates, counted by the analyzers), never loses them.
-                tracing::error!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL; will retry");
+                // them again (duplicates, counted by the analyzers), never loses them. A failed WAL
+                // (logged once, by the WAL) refuses every removal until it is reopened.
+                if matches!(e, WalError::Unavailable { .. }) {
+                    tracing::debug!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL; will retry");
+                } else {
+                    tracing::error!(error = %e, records = delivered.len(), "cannot remove delivered records from the WAL; will retry");
+                }
                 self.removals_to_retry.extend(delivered);
             }
         }

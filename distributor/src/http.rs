@@ -1,11 +1,19 @@
 //! The distributor's HTTP API.
 //!
 //! `POST /logs` (alias `POST /ingest`) is the only path that changes anything. It parses the body
-//! into a checked [`Packet`] (every refusal is a 4xx with `{"error": ".."}` naming the problem),
-//! appends it to the WAL, waits for the group flush and only then answers 202 (invariant 1). A bad
-//! request is refused before it touches the WAL, so it cannot harm what was accepted (invariant 7).
+//! into a checked [`Packet`](logdist_proto::Packet) (every refusal is a 4xx with
+//! `{"error": ".."}` naming the problem), appends it to the WAL, waits for the group flush and only
+//! then answers 202 (invariant 1). A bad request is refused before it touches the WAL, so it cannot
+//! harm what was accepted (invariant 7).
+//!
+//! When the WAL's storage fails (see `wal`: a full disk makes sled refuse every write until the WAL
+//! is reopened), `POST /logs` answers 507 for a full disk and 503 otherwise, both with
+//! `Retry-After` and an `error` naming the cause; nothing is stored or acknowledged, and ingestion
+//! resumes by itself once the WAL reopened.
 //!
 //! `GET /queue`, `GET /stats` and `GET /health` read counters; they never wait on the dispatcher.
+//! `/stats` also reports how the WAL was recovered at start (`recovery`) and its health now
+//! (`storage`).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -27,6 +35,8 @@ pub struct AppState {
     pub shared: Arc<Shared>,
     pub limits: Limits,
     pub max_body_bytes: usize,
+    /// How long a body may take to arrive (`limits.body_timeout_ms`).
+    pub body_timeout: std::time::Duration,
     pub max_pending_messages: u64,
 }
 
@@ -43,16 +53,16 @@ pub enum ApiError {
     #[error("cannot read the body: {0}")]
     Body(String),
     /// The body did not arrive within the limit (408): a stalled or very slow client.
-    #[error("the body did not arrive within {0} seconds")]
-    BodyTimeout(u64),
+    #[error("the body did not arrive within {0} ms")]
+    BodyTimeout(u128),
     /// The packet is malformed (400).
     #[error(transparent)]
     BadPacket(#[from] PacketError),
     /// The WAL holds more than its bound (503 + Retry-After): nothing was stored.
     #[error("the WAL holds {pending} pending messages, at its bound of {limit}; retry later")]
     Backpressure { pending: u64, limit: u64 },
-    /// The disk is full (507): nothing was acknowledged; retry once space is back.
-    #[error("the WAL's disk is full: {0}")]
+    /// The disk is full (507): nothing was stored or acknowledged; retry once space is back.
+    #[error("the WAL's disk is full, nothing was stored; retry once space is freed ({0})")]
     DiskFull(String),
     /// The WAL failed to store or flush (503): nothing was acknowledged; retry.
     #[error("the WAL could not store the packet: {0}")]
@@ -139,6 +149,7 @@ async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
+    timeout: std::time::Duration,
 ) -> Result<web::BytesMut, ApiError> {
     let announced = req
         .headers()
@@ -160,14 +171,11 @@ async fn read_body(
         }
         Ok(())
     };
-    tokio::time::timeout(BODY_TIMEOUT, read)
+    tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| ApiError::BodyTimeout(BODY_TIMEOUT.as_secs()))??;
+        .map_err(|_| ApiError::BodyTimeout(timeout.as_millis()))??;
     Ok(body)
 }
-
-/// Longest time a request body may take to arrive.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 async fn accept_packet(
     req: HttpRequest,
@@ -189,7 +197,7 @@ async fn accept_packet_inner(
     if !is_json(req) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let body = read_body(req, payload, state.max_body_bytes).await?;
+    let body = read_body(req, payload, state.max_body_bytes, state.body_timeout).await?;
     let packet = parse_packet(&body, &state.limits)?;
     let pending = state.wal.pending_messages();
     if pending + u64::from(packet.count) > state.max_pending_messages {
@@ -199,9 +207,9 @@ async fn accept_packet_inner(
         });
     }
     // Synchronous and short (an in-memory sled batch); no lock is held across the await below.
-    let appended = state.wal.append(&packet, now_ms())?;
+    let (appended, generation) = state.wal.append_tagged(&packet, now_ms())?;
     // A duplicate waits for the flush too: the first copy may still be on its way to disk.
-    state.commit.wait_durable().await?;
+    state.commit.wait_durable_in(generation).await?;
     let (status, duplicate) = match appended {
         Appended::New { .. } => {
             state.shared.accepted_packets.fetch_add(1, Relaxed);
@@ -279,6 +287,8 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
             "bytes_on_disk": state.wal.size_on_disk(),
             "quarantined_records": state.wal.quarantined(),
         },
+        "storage": state.wal.storage_status(),
+        "recovery": state.wal.recovery_report(),
     }))
 }
 
@@ -306,9 +316,11 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         })
         .collect();
     let any_healthy = usable_weight > 0.0;
+    let writable = state.wal.is_writable();
     HttpResponse::Ok().json(json!({
-        "status": if any_healthy { "ok" } else { "degraded" },
+        "status": if any_healthy && writable { "ok" } else { "degraded" },
         "analyzers": analyzers,
         "pending": state.wal.pending_messages(),
+        "storage": state.wal.storage_status().state,
     }))
 }

@@ -23,4 +23,4 @@ pub mod stats;
 pub mod telemetry;
 pub mod wal;
 
-pub use server::run;
+pub use server::{run, run_with, RunOptions};

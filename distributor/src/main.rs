@@ -30,6 +30,13 @@ struct Cli {
     /// checks; the images carry no curl)
     #[arg(long, value_name = "URL")]
     probe: Option<String>,
+    /// If the WAL in the data directory is damaged so that it cannot be opened: retry without
+    /// sled's snapshot files (renamed, not deleted); if that fails too, move the directory to
+    /// <data_dir>.corrupt-<unix-ms> and start with an empty WAL, whose pending messages are then
+    /// NOT delivered. Without this flag the distributor refuses to start over a damaged WAL. Has
+    /// no effect on a WAL that opens.
+    #[arg(long)]
+    recover: bool,
 }
 
 #[derive(Serialize)]
@@ -66,9 +73,12 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(distributor::run(
+        .block_on(distributor::run_with(
             listener,
             settings,
+            distributor::RunOptions {
+                recover_damaged_wal: cli.recover,
+            },
             distributor::telemetry::shutdown_signal(),
         ))
 }

@@ -142,6 +142,10 @@ pub struct Distributor {
     pub url: String,
     dir: tempfile::TempDir,
     config: PathBuf,
+    #[allow(dead_code)] // read by tests/faults.rs, which shares this file
+    data_dir: PathBuf,
+    /// Extra command-line arguments for the next (re)start, e.g. `--recover`.
+    pub args: Vec<String>,
 }
 
 impl Distributor {
@@ -157,10 +161,21 @@ impl Distributor {
 
     /// Like `start`, with analyzers given as (id, base URL, weight).
     pub async fn start_with(analyzers: &[(&str, &str, f64)], extra: &str) -> Self {
+        Self::start_in(analyzers, extra, None).await
+    }
+
+    /// Like `start_with`, with the WAL in `data_dir` (default: a `data` directory next to the
+    /// config, removed with it).
+    pub async fn start_in(
+        analyzers: &[(&str, &str, f64)],
+        extra: &str,
+        data_dir: Option<PathBuf>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let data_dir = data_dir.unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
             "host = \"127.0.0.1\"\nport = 0\ndata_dir = \"{}\"\n{extra}\n",
-            dir.path().join("data").display()
+            data_dir.display()
         );
         if !extra.contains("[dispatch]") {
             toml.push_str(
@@ -181,6 +196,8 @@ impl Distributor {
             url: String::new(),
             dir,
             config,
+            data_dir,
+            args: Vec::new(),
         };
         d.spawn();
         d.wait_ready().await;
@@ -194,7 +211,7 @@ impl Distributor {
             .open(self.dir.path().join("distributor.log"))
             .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_distributor"));
-        cmd.arg("--config").arg(&self.config);
+        cmd.arg("--config").arg(&self.config).args(&self.args);
         if self.port != 0 {
             cmd.arg("--port").arg(self.port.to_string());
         }
@@ -227,6 +244,56 @@ impl Distributor {
                 .is_ok_and(|r| r.status().is_success())
         })
         .await;
+    }
+
+    /// The WAL's directory.
+    #[allow(dead_code)] // used by tests/faults.rs, which shares this file
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// True while the child process has not exited.
+    #[allow(dead_code)] // used by tests/faults.rs
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Run the binary with this configuration (and `self.args`) while it is stopped, expecting it
+    /// to exit by itself within `within`; returns its exit status and stderr.
+    #[allow(dead_code)] // used by tests/faults.rs
+    pub fn run_expecting_exit(&self, within: Duration) -> (ExitStatus, String) {
+        assert!(self.child.is_none(), "stop it first");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_distributor"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+            s
+        });
+        let deadline = std::time::Instant::now() + within;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stderr = reader.join().unwrap_or_default();
+                panic!("the distributor did not exit within {within:?}; its stderr:\n{stderr}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, reader.join().unwrap())
     }
 
     pub fn log(&self) -> String {
