@@ -258,8 +258,13 @@ impl Topology {
     }
 
     async fn start_distributor_proc(&self, proc: &mut Proc) -> anyhow::Result<()> {
+        self.start_distributor_with(proc, &[]).await
+    }
+
+    async fn start_distributor_with(&self, proc: &mut Proc, extra: &[&str]) -> anyhow::Result<()> {
         let mut cmd = Command::new(self.binary("distributor"));
         cmd.current_dir(&self.dir)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .arg("--config")
             .arg(self.config_path());
@@ -277,6 +282,11 @@ impl Topology {
 
     /// Start the distributor again (same port, same WAL) after a kill or a stop.
     pub async fn restart_distributor(&mut self) -> anyhow::Result<()> {
+        self.restart_distributor_with(&[]).await
+    }
+
+    /// [`Topology::restart_distributor`] with extra flags (e.g. `--recover`).
+    pub async fn restart_distributor_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
         let mut proc = std::mem::replace(
             &mut self.distributor,
             Proc {
@@ -287,7 +297,7 @@ impl Topology {
             },
         );
         proc.kill().await?;
-        let started = self.start_distributor_proc(&mut proc).await;
+        let started = self.start_distributor_with(&mut proc, extra).await;
         self.distributor = proc;
         started
     }
