@@ -468,16 +468,23 @@ cmd_crash_test() {
     if [[ "$arg" == --long ]]; then long=1; else args+=("$arg"); fi
   done
   build
-  if ((long)); then args=(--cycles 100 --fault-secs 20 "${args[@]}"); fi
+  if ((long)); then
+    # Long-mode defaults, unless given explicitly.
+    [[ " ${args[*]} " == *" --cycles "* ]] || args=(--cycles 100 "${args[@]}")
+    [[ " ${args[*]} " == *" --fault-secs "* ]] || args=(--fault-secs 20 "${args[@]}")
+  fi
   local status=0
   mkdir -p "$RUN/crash-test"
   "$BIN/emitter" crash-test --bin-dir "$BIN" --work-dir "$RUN/crash-test" \
     --table "$RUN/crash-test/table.md" "${args[@]}" || status=$?
   if ((long)); then
-    say "property tests, long mode (PROPTEST_CASES=${PROPTEST_CASES:=20000})"
-    (cd "$ROOT" && PROPTEST_CASES="$PROPTEST_CASES" cargo test --release -q -p logdist-proto -p logdist-distributor --test props --test wal_props) || status=1
+    say "property tests, long mode (PROPTEST_CASES=${PROPTEST_CASES:=5000})"
+    (cd "$ROOT" && export PROPTEST_CASES &&
+      cargo test --release -q -p logdist-proto --test props &&
+      cargo test --release -q -p distributor --test wal_props) || status=1
     say "WAL crash test, long mode (LOGDIST_WAL_CRASH_CYCLES=${LOGDIST_WAL_CRASH_CYCLES:=300})"
-    (cd "$ROOT" && LOGDIST_WAL_CRASH_CYCLES="$LOGDIST_WAL_CRASH_CYCLES" cargo test --release -q -p logdist-distributor --test wal_crash) || status=1
+    (cd "$ROOT" && LOGDIST_WAL_CRASH_CYCLES="$LOGDIST_WAL_CRASH_CYCLES" \
+      cargo test --release -q -p distributor --test wal_crash) || status=1
   fi
   return "$status"
 }

@@ -81,6 +81,11 @@ if ((QUICK == 0)); then
 
   step "Docker path (containers)"
   scripts/docker-test.sh
+
+  step "fault-injection suite, short (./docker.sh crash-test)"
+  ./docker.sh crash-test --cycles 20 --fault-secs 2
+  scenarios=$(grep -c '| PASS |' "$LOGDIST_RUN_DIR/crash-test/table.md" || true)
+  passed=$((passed + scenarios))
 fi
 
 step "all tests passed (cargo tests, then the docker.sh smoke run)"
