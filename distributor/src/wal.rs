@@ -1089,7 +1089,16 @@ impl Wal {
         {
             return Ok(false);
         }
-        match self.reopen() {
+        // sled can panic while recovering (or in a `Drop` that unwraps an fsync); a panic here must
+        // not leave the state at REOPENING, which nothing would ever retry.
+        let reopened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.reopen()))
+            .unwrap_or_else(|panic| {
+                Err(WalError::FlushTask(format!(
+                    "sled panicked while reopening: {}",
+                    panic_message(&*panic)
+                )))
+            });
+        match reopened {
             Ok(()) => Ok(true),
             Err(e) => {
                 let mut fault = lock(&self.inner.fault);

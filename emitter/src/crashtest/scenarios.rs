@@ -8,6 +8,7 @@ use super::{Options, Row, Verdict};
 use crate::generate::{Generator, SplitMix64};
 use crate::verify::{fetch_audit, verify_delivery};
 use anyhow::{bail, Context};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
@@ -117,6 +118,8 @@ struct Run {
     failures: Vec<String>,
     /// Acknowledged messages the scenario destroyed on disk and the distributor reported missing.
     destroyed: u64,
+    /// The packets acknowledged when the scenario damaged the WAL: the only ones it may lose.
+    damaged_window: Option<HashSet<(String, String)>>,
 }
 
 impl Run {
@@ -140,6 +143,7 @@ impl Run {
             notes: Vec::new(),
             failures: Vec::new(),
             destroyed: 0,
+            damaged_window: None,
         })
     }
 
@@ -184,6 +188,7 @@ impl Run {
             notes,
             failures,
             destroyed,
+            damaged_window,
         } = self;
         let done = Finished {
             scenario,
@@ -191,6 +196,7 @@ impl Run {
             notes,
             failures,
             destroyed,
+            damaged_window,
         };
         done.count(load).await
     }
@@ -203,6 +209,7 @@ struct Finished {
     notes: Vec<String>,
     failures: Vec<String>,
     destroyed: u64,
+    damaged_window: Option<HashSet<(String, String)>>,
 }
 
 impl Finished {
@@ -254,7 +261,32 @@ impl Finished {
         }
         let report = verify_delivery(&acknowledged, &audits);
         self.topology.shutdown().await;
-        if report.lost.len() as u64 > self.destroyed {
+        let lost = report.lost.len() as u64;
+        let mut unexplained = lost;
+        if let Some(window) = &self.damaged_window {
+            // What the scenario destroyed may be lost, but exactly what the distributor reported,
+            // and only among the packets acknowledged before the damage.
+            let outside = report
+                .lost
+                .iter()
+                .filter(|id| !window.contains(&(id.emitter_id.clone(), id.packet_id.clone())))
+                .count() as u64;
+            if lost != self.destroyed {
+                self.fail(format!(
+                    "{lost} acknowledged messages lost but the distributor reported {} missing",
+                    self.destroyed
+                ));
+            }
+            if outside > 0 {
+                self.fail(format!(
+                    "{outside} messages lost that were acknowledged after the damage"
+                ));
+            }
+            if lost == self.destroyed && outside == 0 {
+                unexplained = 0;
+            }
+        }
+        if unexplained > 0 {
             let first: Vec<String> = report
                 .lost
                 .iter()
@@ -262,9 +294,8 @@ impl Finished {
                 .map(|id| id.to_string())
                 .collect();
             self.fail(format!(
-                "{} acknowledged messages lost ({} destroyed on disk by the scenario), e.g. {}",
+                "{} acknowledged messages lost, e.g. {}",
                 report.lost.len(),
-                self.destroyed,
                 first.join(", ")
             ));
         }
@@ -275,7 +306,7 @@ impl Finished {
             scenario: self.scenario.name(),
             acknowledged: report.acknowledged_messages,
             processed: report.processed_distinct,
-            destroyed: self.destroyed.min(report.lost.len() as u64),
+            destroyed: if unexplained == 0 { lost } else { 0 },
             lost: report.lost.len() as u64,
             duplicates: report.duplicated_across_analyzers,
             drain,
@@ -718,6 +749,14 @@ async fn torn_wal(options: &Options, dir: &Path, rng: &mut SplitMix64) -> anyhow
     if code != Some(0) {
         run.fail(format!("SIGTERM ended the distributor with {code:?}"));
     }
+    run.damaged_window = Some(
+        run.load
+            .ledger
+            .acknowledged_packets()
+            .into_iter()
+            .map(|p| (p.emitter_id, p.packet_id))
+            .collect(),
+    );
     let len = file_len(&db)?;
     let cut = (len / 8).clamp(4096, 256 * 1024).min(len);
     truncate(&db, len - cut)?;

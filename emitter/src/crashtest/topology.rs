@@ -47,8 +47,17 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
+    /// Started by us and not exited since (a process that died on its own is reaped here).
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                tracing::warn!(name = %self.name, %status, "exited on its own");
+                self.child = None;
+                false
+            }
+            Some(Err(_)) | None => false,
+        }
     }
 
     /// SIGKILL and reap.
