@@ -79,6 +79,11 @@ pub struct Row {
 
 impl Row {
     fn failed_to_run(scenario: &'static str, error: &anyhow::Error) -> Self {
+        Self::without_counts(scenario, Verdict::Fail(vec![format!("{error:#}")]))
+    }
+
+    /// A row for a scenario that counted nothing (it could not run, or could not start).
+    fn without_counts(scenario: &'static str, verdict: Verdict) -> Self {
         Row {
             scenario,
             acknowledged: 0,
@@ -87,7 +92,7 @@ impl Row {
             lost: 0,
             duplicates: 0,
             drain: None,
-            verdict: Verdict::Fail(vec![format!("{error:#}")]),
+            verdict,
             notes: Vec::new(),
         }
     }

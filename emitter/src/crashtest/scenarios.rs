@@ -650,17 +650,10 @@ async fn disk_full(options: &Options, dir: &Path) -> anyhow::Result<Row> {
     let mount = match TmpfsMount::mount(&mount_point, 64) {
         Ok(m) => m,
         Err(why) => {
-            return Ok(Row {
-                scenario: Scenario::DiskFull.name(),
-                acknowledged: 0,
-                processed: 0,
-                destroyed: 0,
-                lost: 0,
-                duplicates: 0,
-                drain: None,
-                verdict: Verdict::Skip(why),
-                notes: Vec::new(),
-            })
+            return Ok(Row::without_counts(
+                Scenario::DiskFull.name(),
+                Verdict::Skip(why),
+            ))
         }
     };
     let knobs = DistributorKnobs {

@@ -38,7 +38,7 @@ pub struct DistributorKnobs {
 }
 
 /// One child process and where it listens.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Proc {
     pub name: String,
     pub port: u16,
@@ -200,15 +200,7 @@ impl Topology {
             topology.analyzers.push(proc);
         }
         topology.write_config()?;
-        let mut distributor = std::mem::replace(
-            &mut topology.distributor,
-            Proc {
-                name: String::new(),
-                port: 0,
-                url: String::new(),
-                child: None,
-            },
-        );
+        let mut distributor = std::mem::take(&mut topology.distributor);
         topology.start_distributor_proc(&mut distributor).await?;
         topology.distributor = distributor;
         Ok(topology)
@@ -296,15 +288,7 @@ impl Topology {
 
     /// [`Topology::restart_distributor`] with extra flags (e.g. `--recover`).
     pub async fn restart_distributor_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        let mut proc = std::mem::replace(
-            &mut self.distributor,
-            Proc {
-                name: String::new(),
-                port: 0,
-                url: String::new(),
-                child: None,
-            },
-        );
+        let mut proc = std::mem::take(&mut self.distributor);
         proc.kill().await?;
         let started = self.start_distributor_with(&mut proc, extra).await;
         self.distributor = proc;
@@ -313,15 +297,7 @@ impl Topology {
 
     /// Start analyzer `i` (0-based) again on its port, with its audit log.
     pub async fn restart_analyzer(&mut self, i: usize) -> anyhow::Result<()> {
-        let mut proc = std::mem::replace(
-            &mut self.analyzers[i],
-            Proc {
-                name: String::new(),
-                port: 0,
-                url: String::new(),
-                child: None,
-            },
-        );
+        let mut proc = std::mem::take(&mut self.analyzers[i]);
         proc.kill().await?;
         let started = self.start_analyzer(&mut proc).await;
         self.analyzers[i] = proc;
