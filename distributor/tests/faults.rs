@@ -524,8 +524,7 @@ async fn a_damaged_snapshot_stops_the_start_naming_the_flag_and_recover_rebuilds
     a[0].enable().await;
     d.wait_drained(DRAIN).await;
     let delivered = Delivered::collect(&a).await;
-    assert_eq!(delivered.lost(&acked), vec![]);
-    assert_eq!(delivered.by_id.len(), acked.len());
+    delivered.assert_all_and_only(&acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,8 +554,7 @@ async fn a_wal_that_cannot_be_recovered_is_refused_and_recover_moves_it_aside_an
     a[0].enable().await;
     d.wait_drained(DRAIN).await;
     let delivered = Delivered::collect(&a).await;
-    assert_eq!(delivered.lost(&acked), vec![]);
-    assert_eq!(delivered.by_id.len(), acked.len());
+    delivered.assert_all_and_only(&acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -435,6 +435,12 @@ impl Delivered {
         lost
     }
 
+    /// Every message of `acked` was processed, and nothing else was.
+    pub fn assert_all_and_only(&self, acked: &HashSet<MessageId>) {
+        assert_eq!(self.lost(acked), vec![]);
+        assert_eq!(self.by_id.len(), acked.len());
+    }
+
     /// Messages processed by more than one analyzer.
     pub fn duplicated(&self) -> usize {
         self.by_id.values().filter(|v| v.len() > 1).count()

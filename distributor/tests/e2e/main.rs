@@ -99,8 +99,7 @@ async fn a_disabled_analyzer_gets_nothing_new_the_others_absorb_its_share_and_no
     let after = a[1].processed().await.0;
     assert!(after > during[1], "analyzer-2 back in rotation");
     let delivered = Delivered::collect(&a).await;
-    assert_eq!(delivered.lost(&acked), vec![]);
-    assert_eq!(delivered.by_id.len(), acked.len());
+    delivered.assert_all_and_only(&acked);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -509,12 +509,17 @@ async fn partial_failure(options: &Options, dir: &Path) -> anyhow::Result<Row> {
     run.finish().await
 }
 
+/// The answer to one packet posted straight to the distributor.
+struct Probed {
+    status: u16,
+    retry_after: Option<String>,
+    /// The JSON `error`, if any.
+    error: Option<String>,
+}
+
 /// POST one packet straight to the distributor; a 2xx is recorded in the ledger like any other
-/// acknowledgement. Returns the status, the `Retry-After` header and the JSON `error`.
-async fn probe_packet(
-    run: &Run,
-    generator: &mut Generator,
-) -> anyhow::Result<(u16, Option<String>, Option<String>)> {
+/// acknowledgement.
+async fn probe_packet(run: &Run, generator: &mut Generator) -> anyhow::Result<Probed> {
     let packet = generator.next_packet("emitter-probe", PACKET_SIZE);
     let url = format!("{}/logs", run.topology.distributor.url);
     let answer = run
@@ -543,11 +548,29 @@ async fn probe_packet(
             false,
         );
     }
-    Ok((
+    Ok(Probed {
         status,
         retry_after,
-        body["error"].as_str().map(str::to_owned),
-    ))
+        error: body["error"].as_str().map(str::to_owned),
+    })
+}
+
+/// Probe every 100 ms until an answer's status satisfies `wanted`, or `within` passes (`None`).
+async fn probe_until(
+    run: &Run,
+    generator: &mut Generator,
+    within: Duration,
+    wanted: impl Fn(u16) -> bool,
+) -> anyhow::Result<Option<Probed>> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let probed = probe_packet(run, generator).await?;
+        if wanted(probed.status) {
+            return Ok(Some(probed));
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    Ok(None)
 }
 
 async fn all_down(options: &Options, dir: &Path) -> anyhow::Result<Row> {
@@ -559,19 +582,12 @@ async fn all_down(options: &Options, dir: &Path) -> anyhow::Result<Row> {
     let mut run = Run::start(Scenario::AllDown, options, dir, knobs).await?;
     run.switch_all(false).await?;
     let mut generator = Generator::new(crate::generate::new_run_id(), options.seed);
-    let mut refused = None;
-    let deadline = Instant::now() + Duration::from_secs(30) + options.fault_duration;
-    while Instant::now() < deadline {
-        let (status, retry_after, error) = probe_packet(&run, &mut generator).await?;
-        if status == 503 {
-            refused = Some((retry_after, error));
-            break;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    match refused {
+    let within = Duration::from_secs(30) + options.fault_duration;
+    match probe_until(&run, &mut generator, within, |status| status == 503).await? {
         None => run.fail(format!("no 503 although the WAL bound is {bound} messages")),
-        Some((retry_after, error)) => {
+        Some(Probed {
+            retry_after, error, ..
+        }) => {
             if retry_after.is_none() {
                 run.fail("503 without Retry-After");
             }
@@ -665,21 +681,16 @@ async fn disk_full(options: &Options, dir: &Path) -> anyhow::Result<Row> {
     let filler = mount_point.join("filler");
     let filled = fill(&filler)?;
     let mut generator = Generator::new(crate::generate::new_run_id(), options.seed);
-    let mut refused = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        let (status, _, error) = probe_packet(&run, &mut generator).await?;
-        if status == 507 || status == 503 {
-            refused = Some((status, error.unwrap_or_default()));
-            break;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    match &refused {
+    let refused = probe_until(&run, &mut generator, Duration::from_secs(30), |status| {
+        status == 507 || status == 503
+    })
+    .await?;
+    match refused {
         None => run.fail("the disk is full but ingestion never answered 507/503"),
-        Some((status, error)) => run.note(format!(
-            "disk filled ({} MiB filler): {status} \"{error}\"",
-            filled >> 20
+        Some(Probed { status, error, .. }) => run.note(format!(
+            "disk filled ({} MiB filler): {status} \"{}\"",
+            filled >> 20,
+            error.unwrap_or_default()
         )),
     }
     sleep(options.fault_duration / 2).await;
@@ -688,16 +699,11 @@ async fn disk_full(options: &Options, dir: &Path) -> anyhow::Result<Row> {
     }
     std::fs::remove_file(&filler).context("cannot remove the filler")?;
     let freed = Instant::now();
-    let mut resumed = false;
-    while freed.elapsed() < Duration::from_secs(30) {
-        let (status, _, _) = probe_packet(&run, &mut generator).await?;
-        if (200..300).contains(&status) {
-            resumed = true;
-            break;
-        }
-        sleep(Duration::from_millis(100)).await;
-    }
-    if resumed {
+    let resumed = probe_until(&run, &mut generator, Duration::from_secs(30), |status| {
+        (200..300).contains(&status)
+    })
+    .await?;
+    if resumed.is_some() {
         run.note(format!(
             "space freed: accepting again after {:.1} s, same process",
             freed.elapsed().as_secs_f64()
