@@ -26,7 +26,7 @@ use serde_json::json;
 
 use crate::commit::{CommitError, GroupCommit};
 use crate::stats::{now_ms, Shared};
-use crate::wal::{Appended, Wal, WalError};
+use crate::wal::{Appended, Prepared, Wal, WalError};
 
 /// What every handler shares.
 pub struct AppState {
@@ -206,10 +206,12 @@ async fn accept_packet_inner(
             limit: state.max_pending_messages,
         });
     }
-    // Synchronous and short (an in-memory sled batch); no lock is held across the await below.
-    let (appended, generation) = state.wal.append_tagged(&packet, now_ms())?;
-    // A duplicate waits for the flush too: the first copy may still be on its way to disk.
-    state.commit.wait_durable_in(generation).await?;
+    // Encoded here; stored and flushed with the other packets of its commit group. A duplicate
+    // waits for the flush too: the first copy may still be on its way to disk.
+    let appended = state
+        .commit
+        .commit(Prepared::new(&packet, now_ms()))
+        .await?;
     let (status, duplicate) = match appended {
         Appended::New { .. } => {
             state.shared.accepted_packets.fetch_add(1, Relaxed);

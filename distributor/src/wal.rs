@@ -207,6 +207,25 @@ pub enum Appended {
     Duplicate { seq: u64 },
 }
 
+/// A packet encoded for [`Wal::append_many`]: built on the request's thread, so the committer only
+/// stores bytes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    dkey: Vec<u8>,
+    value: Vec<u8>,
+    count: u32,
+}
+
+impl Prepared {
+    pub fn new(packet: &Packet<'_>, accepted_at_ms: u64) -> Self {
+        Self {
+            dkey: dedup_key(&packet.emitter_id, &packet.packet_id),
+            value: encode(packet, accepted_at_ms),
+            count: packet.count,
+        }
+    }
+}
+
 /// A pending packet read back from the WAL. Cheap to clone (the bytes are shared).
 #[derive(Clone, Debug)]
 pub struct StoredRecord {
@@ -868,31 +887,62 @@ impl Wal {
         packet: &Packet<'_>,
         accepted_at_ms: u64,
     ) -> Result<(Appended, u64), WalError> {
-        let dkey = dedup_key(&packet.emitter_id, &packet.packet_id);
-        let value = encode(packet, accepted_at_ms);
+        let (mut appended, generation) =
+            self.append_many(&[Prepared::new(packet, accepted_at_ms)])?;
+        let first = appended.pop().ok_or_else(|| {
+            WalError::FlushTask("append_many answered nothing for one packet".into())
+        })?;
+        Ok((first, generation))
+    }
+
+    /// Store many packets (a commit group, see `commit`) in ONE atomic sled batch, in order, each
+    /// unless its `(emitter_id, packet_id)` was accepted before or earlier in `packets`. Returns
+    /// one [`Appended`] per packet and the generation written to.
+    ///
+    /// One batch per group, not per packet, because sled 0.34 writes out its log buffer (a
+    /// `pwrite` and a waiting `sync_file_range`) twice for every `apply_batch`, however small: per
+    /// packet that capped ingestion near 2,000 packets/s (`docs/BENCHMARKS.md`).
+    pub fn append_many(&self, packets: &[Prepared]) -> Result<(Vec<Appended>, u64), WalError> {
         let mut next = lock(&self.inner.append_lock);
         let Handle { db, generation } = self.handle()?;
-        if let Some(existing) = db.get(&dkey).map_err(|e| self.failed(e))? {
-            let seq = existing
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            return Ok((Appended::Duplicate { seq }, generation));
-        }
-        let seq = *next;
+        let mut answers = Vec::with_capacity(packets.len());
         let mut batch = sled::Batch::default();
-        batch.insert(&key(RECORD, seq), value);
-        batch.insert(dkey.as_slice(), &seq.to_be_bytes());
-        batch.insert(&key(DEDUP_ORDER, seq), dkey.as_slice());
+        let mut in_batch: std::collections::HashMap<&[u8], u64> = Default::default();
+        let (mut seq, mut messages) = (*next, 0u64);
+        for p in packets {
+            let earlier = match in_batch.get(p.dkey.as_slice()) {
+                Some(seq) => Some(*seq),
+                None => db
+                    .get(&p.dkey)
+                    .map_err(|e| self.failed(e))?
+                    .map(|v| v.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0)),
+            };
+            if let Some(seq) = earlier {
+                answers.push(Appended::Duplicate { seq });
+                continue;
+            }
+            batch.insert(&key(RECORD, seq), p.value.as_slice());
+            batch.insert(p.dkey.as_slice(), &seq.to_be_bytes());
+            batch.insert(&key(DEDUP_ORDER, seq), p.dkey.as_slice());
+            in_batch.insert(&p.dkey, seq);
+            answers.push(Appended::New { seq });
+            messages += u64::from(p.count);
+            seq += 1;
+        }
+        if seq == *next {
+            return Ok((answers, generation));
+        }
         db.apply_batch(batch).map_err(|e| self.failed(e))?;
-        *next = seq + 1;
-        self.inner.next_seq.store(seq + 1, Ordering::Release);
-        self.inner.pending_records.fetch_add(1, Ordering::Relaxed);
+        let records = seq - *next;
+        *next = seq;
+        self.inner.next_seq.store(seq, Ordering::Release);
+        self.inner
+            .pending_records
+            .fetch_add(records, Ordering::Relaxed);
         self.inner
             .pending_messages
-            .fetch_add(u64::from(packet.count), Ordering::Relaxed);
-        Ok((Appended::New { seq }, generation))
+            .fetch_add(messages, Ordering::Relaxed);
+        Ok((answers, generation))
     }
 
     /// Make every append that returned before this call durable (sled flush + fsync), then raise
@@ -1011,20 +1061,25 @@ impl Wal {
     /// Remove records an analyzer acknowledged. `records` are `(seq, message count)`.
     ///
     /// Not flushed on purpose (see the module docs): losing a removal re-delivers, never loses.
+    ///
+    /// One `remove` per record, not a batch: nothing needs the removals to be atomic (a record
+    /// whose removal is lost is delivered again), and a sled batch writes out its log buffer.
     pub fn remove_delivered(&self, records: &[(u64, u32)]) -> Result<(), WalError> {
         let Handle { db, .. } = self.handle()?;
-        let mut batch = sled::Batch::default();
-        for (seq, _) in records {
-            batch.remove(&key(RECORD, *seq));
+        // Counted one by one, as removed: after a failure part-way, the retry (and a reopen's
+        // recount) must not subtract a record twice.
+        for (seq, count) in records {
+            if db
+                .remove(key(RECORD, *seq))
+                .map_err(|e| self.failed(e))?
+                .is_some()
+            {
+                self.inner.pending_records.fetch_sub(1, Ordering::Relaxed);
+                self.inner
+                    .pending_messages
+                    .fetch_sub(u64::from(*count), Ordering::Relaxed);
+            }
         }
-        db.apply_batch(batch).map_err(|e| self.failed(e))?;
-        let messages: u64 = records.iter().map(|(_, c)| u64::from(*c)).sum();
-        self.inner
-            .pending_records
-            .fetch_sub(records.len() as u64, Ordering::Relaxed);
-        self.inner
-            .pending_messages
-            .fetch_sub(messages, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1270,6 +1325,67 @@ mod tests {
         assert_eq!(append(&wal, "e", "px", 1), Appended::New { seq: 1 });
         assert_eq!(append(&wal, "ep", "x", 1), Appended::New { seq: 2 });
         assert_eq!(wal.pending_messages(), 4);
+    }
+
+    fn prepared(emitter: &str, packet: &str, n: usize) -> Prepared {
+        let body = packet_json(emitter, packet, n);
+        Prepared::new(
+            &parse_packet(body.as_bytes(), &Limits::default()).unwrap(),
+            7,
+        )
+    }
+
+    #[test]
+    fn a_group_is_stored_in_order_with_duplicates_inside_it_and_before_it_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (wal, _) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
+            append(&wal, "e", "old", 1);
+            let (answers, generation) = wal
+                .append_many(&[
+                    prepared("e", "a", 2),
+                    prepared("e", "old", 1),
+                    prepared("e", "b", 3),
+                    prepared("e", "a", 2),
+                ])
+                .unwrap();
+            assert_eq!(generation, wal.generation());
+            assert_eq!(
+                answers,
+                vec![
+                    Appended::New { seq: 1 },
+                    Appended::Duplicate { seq: 0 },
+                    Appended::New { seq: 2 },
+                    Appended::Duplicate { seq: 1 },
+                ]
+            );
+            assert_eq!((wal.pending_records(), wal.pending_messages()), (3, 6));
+            // A group of duplicates only stores nothing and moves no sequence number.
+            let (answers, _) = wal.append_many(&[prepared("e", "b", 3)]).unwrap();
+            assert_eq!(answers, vec![Appended::Duplicate { seq: 2 }]);
+            wal.flush().unwrap();
+        }
+        let (wal, rec) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
+        assert_eq!((rec.records, rec.messages), (3, 6));
+        let recs = wal.read_pending(0, 10).unwrap();
+        let ids: Vec<(u64, &str, u32)> = recs
+            .iter()
+            .map(|r| (r.seq, r.packet_id(), r.count))
+            .collect();
+        assert_eq!(ids, vec![(0, "old", 1), (1, "a", 2), (2, "b", 3)]);
+        assert_eq!(append(&wal, "e", "c", 1), Appended::New { seq: 3 });
+    }
+
+    #[test]
+    fn a_removal_counts_only_records_that_were_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
+        append(&wal, "e", "p0", 2);
+        append(&wal, "e", "p1", 3);
+        wal.remove_delivered(&[(0, 2)]).unwrap();
+        // A retried removal (e.g. after a failure part-way) must not subtract twice.
+        wal.remove_delivered(&[(0, 2), (1, 3)]).unwrap();
+        assert_eq!((wal.pending_records(), wal.pending_messages()), (0, 0));
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! * [`ledger`]: counters and the bounded log of acknowledged packets;
 //! * [`server`]: the HTTP API (`/generate`, `/start`, `/stop`, `/stats`, `/acknowledged`);
 //! * [`verify`]: delivery and weight checks, pure functions plus thin fetch wrappers;
-//! * [`crashtest`]: the fault-injection suite (`emitter crash-test`).
+//! * [`crashtest`]: the fault-injection suite (`emitter crash-test`);
+//! * [`bench`]: the load generator (`emitter bench`).
 
+pub mod bench;
 pub mod client;
 pub mod crashtest;
 pub mod generate;

@@ -56,6 +56,16 @@ enum Command {
     /// was acknowledged with every analyzer's GET /audit. Prints one markdown table on stdout.
     /// Exit code 1 if an acknowledged message was lost or a scenario's check failed.
     CrashTest(CrashTestArgs),
+    /// Load generator: measure acknowledged and delivered throughput and ack latency.
+    ///
+    /// Sends packets over --connections concurrent requests for --duration, each once (never
+    /// retried), and counts what came back. Closed loop without --rate (each connection sends its
+    /// next packet when the previous one was answered: finds the maximum); open loop with --rate
+    /// (packets are due at a fixed rate whatever the answers; latency counts from when a packet was
+    /// due). Prints packets and messages acknowledged per second, ack latency p50/p90/p99/p99.9/max
+    /// (HDR histogram), non-2xx answers by status, messages each analyzer processed, and the time
+    /// the WAL took to drain. A progress line goes to stderr every second.
+    Bench(BenchArgs),
     /// Health check only: GET the URL, exit 0 on a 2xx, 1 otherwise (for container health checks;
     /// the images carry no curl).
     Probe {
@@ -163,6 +173,75 @@ struct CrashTestArgs {
     table: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Base URL of the distributor (or of the proxy, with --proxy).
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8081")]
+    target: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    connections: u16,
+    /// Messages per packet.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    packet_size: u32,
+    /// Approximate size of each message's JSON, in bytes (at least ~70 are needed for its fields).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    message_bytes: u64,
+    /// How long to offer load, e.g. 20s, 500ms, 2m (a bare number is seconds).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Open loop at this many MESSAGES per second (packets/s = rate / packet size).
+    #[arg(long, value_name = "MSGS_PER_SEC")]
+    rate: Option<f64>,
+    /// Stop after sending this many messages (also bounded by --duration).
+    #[arg(long, value_name = "N")]
+    messages: Option<u64>,
+    /// The target is a plain HTTP proxy in front of the analyzers: POST {target}/analyze with
+    /// each packet wrapped as an analyzer batch, and no /queue to drain.
+    #[arg(long)]
+    proxy: bool,
+    /// Analyzer base URL whose GET /processed is counted (repeatable). Default: the analyzers
+    /// the distributor's GET /health lists.
+    #[arg(long, value_name = "URL")]
+    analyzer: Vec<String>,
+    /// After the load, wait at most this long for the WAL to drain (0 = do not wait).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Also report CPU seconds and peak RSS of this process (e.g. the distributor's pid).
+    #[arg(long, value_name = "PID")]
+    watch_pid: Option<u32>,
+    /// Per-request timeout.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// `20s`, `500ms`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0 && *v * scale < 1e9)
+        .map(|v| Duration::from_secs_f64(v * scale))
+        .ok_or_else(|| format!("expected a duration such as 20s, 500ms or 2m, got {s:?}"))
+}
+
 #[derive(Debug, Clone, Copy)]
 enum ScenarioChoice {
     All,
@@ -263,6 +342,7 @@ async fn main() -> ExitCode {
         Command::VerifyWeights(args) => verify_weights(args).await,
         Command::VerifyDelivery(args) => verify_delivery(args).await,
         Command::CrashTest(args) => crash_test(args).await,
+        Command::Bench(args) => bench(args).await,
         Command::Probe { .. } => Ok(ExitCode::SUCCESS),
     };
     match outcome {
@@ -319,6 +399,37 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of messages per second, got {rate}"
+        );
+    }
+    let opts = emitter::bench::BenchOptions {
+        target: args.target,
+        connections: usize::from(args.connections),
+        packet_size: args.packet_size,
+        message_bytes: args.message_bytes as usize,
+        duration: args.duration,
+        rate: args.rate,
+        max_messages: args.messages,
+        proxy: args.proxy,
+        analyzers: args.analyzer,
+        drain_timeout: args.drain_timeout,
+        watch_pid: args.watch_pid,
+        request_timeout: args.request_timeout,
+        progress: !args.quiet,
+    };
+    let report = emitter::bench::run(&opts).await?;
+    print!("{}", report.summary());
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("encoding the report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {

@@ -109,7 +109,8 @@ async fn sigkill_while_packets_stream_in_loses_no_acknowledged_message() {
     let wal = std::env::var("LOGDIST_TEST_CRASH_WAL").unwrap_or_default();
     let mut d = Distributor::start(&[(&a[0], 0.5), (&a[1], 0.3), (&a[2], 0.2)], &wal).await;
     let client = d.client();
-    let total_packets = 2_000;
+    // Enough that the stream outlasts the kills even with group commit at full speed.
+    let total_packets = 8_000;
     let sender =
         tokio::spawn(async move { send_all(&client, packets(5, total_packets, 20), 4).await });
 
