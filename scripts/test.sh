@@ -90,6 +90,9 @@ if ((QUICK == 0)); then
     exit 1
   fi
   passed=$((passed + scenarios))
+
+  step "benchmark smoke run (scripts/bench.sh --smoke: every scenario, seconds long, no thresholds)"
+  scripts/bench.sh --smoke
 fi
 
 step "all tests passed (cargo tests, then the docker.sh smoke run)"
