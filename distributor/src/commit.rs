@@ -44,6 +44,20 @@ enum Job {
     Flush(oneshot::Sender<Result<u64, CommitError>>),
 }
 
+impl Job {
+    fn bytes(&self) -> usize {
+        match self {
+            Job::Append(p, _) => p.len(),
+            Job::Flush(_) => 0,
+        }
+    }
+}
+
+/// Most requests in one commit group.
+const MAX_GROUP_PACKETS: usize = 1024;
+/// Most bytes of records in one commit group (a group holds at least one request).
+const MAX_GROUP_BYTES: usize = 16 << 20;
+
 /// Handle to the committer task. Cheap to clone; the task ends when every handle is dropped.
 #[derive(Clone)]
 pub struct GroupCommit {
@@ -128,9 +142,13 @@ fn store_and_flush(wal: &Wal, packets: &[Prepared], fsync: bool) -> GroupOutcome
     } else {
         wal.append_many(packets)
     };
-    if stored.is_err() {
-        // Nothing to flush for this group; the error answers it.
-        return (stored, Ok(wal.generation()));
+    if let Err(e) = &stored {
+        // Nothing was flushed: a flush waiter of this group must not hear "flushed" either.
+        let not_flushed = WalError::Unavailable {
+            cause: format!("storing the group failed, nothing was flushed: {e}"),
+            disk_full: e.is_disk_full(),
+        };
+        return (stored, Err(not_flushed));
     }
     let flushed = if fsync {
         wal.flush_tagged()
@@ -150,7 +168,12 @@ async fn committer(
     let mut jobs = Vec::new();
     while let Some(first) = rx.recv().await {
         jobs.push(first);
-        while let Ok(more) = rx.try_recv() {
+        // A group is bounded, so that one sled batch (which holds sled's write lock while it is
+        // applied) never grows with the number of open requests; the rest waits for the next.
+        let mut bytes = jobs.iter().map(Job::bytes).sum::<usize>();
+        while jobs.len() < MAX_GROUP_PACKETS && bytes < MAX_GROUP_BYTES {
+            let Ok(more) = rx.try_recv() else { break };
+            bytes += more.bytes();
             jobs.push(more);
         }
         let mut packets = Vec::new();

@@ -207,18 +207,20 @@ async fn accept_packet_inner(
         });
     }
     // Encoded here; stored and flushed with the other packets of its commit group. A duplicate
-    // waits for the flush too: the first copy may still be on its way to disk.
-    let appended = state
-        .commit
-        .commit(Prepared::new(&packet, now_ms()))
-        .await?;
+    // waits for the flush too: the first copy may still be on its way to disk. The body is
+    // dropped before waiting: the encoded record is the only copy kept meanwhile.
+    let prepared = Prepared::new(&packet, now_ms());
+    let (packet_id, count) = (packet.packet_id.to_string(), packet.count);
+    drop(packet);
+    drop(body);
+    let appended = state.commit.commit(prepared).await?;
     let (status, duplicate) = match appended {
         Appended::New { .. } => {
             state.shared.accepted_packets.fetch_add(1, Relaxed);
             state
                 .shared
                 .accepted_messages
-                .fetch_add(u64::from(packet.count), Relaxed);
+                .fetch_add(u64::from(count), Relaxed);
             (StatusCode::ACCEPTED, false)
         }
         Appended::Duplicate { .. } => {
@@ -228,8 +230,8 @@ async fn accept_packet_inner(
     };
     let mut answer = json!({
         "status": "accepted",
-        "packet_id": packet.packet_id,
-        "count": packet.count,
+        "packet_id": packet_id,
+        "count": count,
     });
     if duplicate {
         answer["duplicate"] = json!(true);

@@ -224,6 +224,15 @@ impl Prepared {
             count: packet.count,
         }
     }
+
+    /// Bytes it will store.
+    pub fn len(&self) -> usize {
+        self.dkey.len() + self.value.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A pending packet read back from the WAL. Cheap to clone (the bytes are shared).
@@ -932,9 +941,11 @@ impl Wal {
         if seq == *next {
             return Ok((answers, generation));
         }
-        db.apply_batch(batch).map_err(|e| self.failed(e))?;
         let records = seq - *next;
+        // Moved before the batch is applied: if applying it fails or panics, these seqs are
+        // skipped (allowed), never handed out again over records that may exist.
         *next = seq;
+        db.apply_batch(batch).map_err(|e| self.failed(e))?;
         self.inner.next_seq.store(seq, Ordering::Release);
         self.inner
             .pending_records

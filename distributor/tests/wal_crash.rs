@@ -31,7 +31,8 @@
 //! * every record present is one the child wrote or the parent appended, and its content, count and
 //!   `accepted_at_ms` match its identity and its seq matches the one the child was given (no torn
 //!   or mixed records), and nothing was quarantined;
-//! * one `remove_delivered` batch is atomic: after the crash all of it or none of it is present;
+//! * (a `remove_delivered` call is NOT checked for atomicity: it removes record by record, and a
+//!   crash part-way only makes the rest of its records pending again, to be delivered again);
 //! * the pending counts recovery reports equal the records actually there;
 //! * sequence numbers never go back: every append, in the child and in the parent's probe append
 //!   after each recovery, gets a seq above every seq that was ever durable. (A seq handed out to an
@@ -371,8 +372,6 @@ struct Model {
     /// Records the last child touched without making them certain: written but not flushed, or
     /// being removed. They may or may not be present.
     may_exist: BTreeSet<u64>,
-    /// Each `remove_delivered` call of the last child: all or none of it must be present.
-    removal_batches: Vec<Vec<u64>>,
     /// Removed (`R`), no flush returned since: may come back.
     removed_unflushed: Vec<u64>,
     /// Removed, and a flush returned after the removal: must be gone.
@@ -451,7 +450,6 @@ impl Model {
                         self.must_exist.remove(&n);
                         self.may_exist.insert(n);
                     }
-                    self.removal_batches.push(ns.to_vec());
                 }
                 ("R", ns) => self.removed_unflushed.extend_from_slice(ns),
                 ("F", []) => self.note_flushed(),
@@ -575,21 +573,10 @@ impl Model {
                 "n{back} came back although its removal was followed by a flush"
             ));
         }
-        for batch in &self.removal_batches {
-            let there = batch.iter().filter(|n| present.contains_key(n)).count();
-            if there != 0 && there != batch.len() {
-                return Err(format!(
-                    "removal batch {batch:?} half applied: {there} of {} still there",
-                    batch.len()
-                ));
-            }
-        }
-
         // What is there now is the baseline: it must survive from now on unless removed.
         self.max_durable_seq = self.max_durable_seq.max(present.values().copied().max());
         self.must_exist = present.keys().copied().collect();
         self.may_exist.clear();
-        self.removal_batches.clear();
         self.removed_unflushed.clear();
         self.removed_durably.clear();
 
