@@ -196,6 +196,13 @@ impl Dispatcher {
         self.publish();
     }
 
+    /// Load the first window and publish the gauges, before the HTTP API serves: `GET /queue`
+    /// then reports a recovered backlog (its oldest age included) from the first request on.
+    pub fn prime(&mut self) {
+        self.fill_window();
+        self.publish();
+    }
+
     fn usable(&self) -> SlotSet {
         self.slots
             .iter()

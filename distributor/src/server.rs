@@ -106,7 +106,7 @@ pub async fn run_with(
     let trimmer = tokio::spawn(trim_dedup_forever(wal.clone()));
     let reopener = tokio::spawn(reopen_storage_forever(wal.clone(), new_records.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dispatcher = Dispatcher::new(
+    let mut dispatcher = Dispatcher::new(
         wal.clone(),
         commit.clone(),
         shared.clone(),
@@ -114,6 +114,7 @@ pub async fn run_with(
         cfg,
         http,
     );
+    dispatcher.prime();
     let dispatch_task = tokio::spawn(dispatcher.run(new_records, health_rx, stop_rx));
 
     let state = web::Data::new(AppState {
