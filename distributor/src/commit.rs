@@ -47,7 +47,7 @@ enum Job {
 impl Job {
     fn bytes(&self) -> usize {
         match self {
-            Job::Append(p, _) => p.len(),
+            Job::Append(p, _) => p.stored_bytes(),
             Job::Flush(_) => 0,
         }
     }

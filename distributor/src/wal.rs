@@ -226,12 +226,8 @@ impl Prepared {
     }
 
     /// Bytes it will store.
-    pub fn len(&self) -> usize {
+    pub fn stored_bytes(&self) -> usize {
         self.dkey.len() + self.value.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

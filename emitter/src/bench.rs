@@ -431,15 +431,6 @@ async fn processed_counts(
     Ok(counts)
 }
 
-async fn pending(http: &reqwest::Client, target: &str) -> anyhow::Result<u64> {
-    let url = format!("{}/queue", target.trim_end_matches('/'));
-    let body = http.get(&url).send().await?.bytes().await?;
-    let queue: serde_json::Value = serde_json::from_slice(&body)?;
-    queue["size"]
-        .as_u64()
-        .ok_or_else(|| anyhow::anyhow!("{url} answered without a numeric \"size\""))
-}
-
 fn percentile_ms(h: &Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
 }
@@ -531,18 +522,11 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let (drain_seconds, pending_after) = if opts.proxy {
         (None, None)
     } else if opts.drain_timeout.is_zero() {
-        (None, pending(&control, &target).await.ok())
+        (None, verify::fetch_pending(&control, &target).await.ok())
     } else {
-        let drain_start = Instant::now();
-        loop {
-            let left = pending(&control, &target).await?;
-            if left == 0 {
-                break (Some(drain_start.elapsed().as_secs_f64()), Some(0));
-            }
-            if drain_start.elapsed() >= opts.drain_timeout {
-                break (None, Some(left));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match verify::wait_drained(&control, &target, opts.drain_timeout).await {
+            Ok(took) => (Some(took.as_secs_f64()), Some(0)),
+            Err(left) => (None, left),
         }
     };
     let at_end = processed_counts(&control, &analyzers).await?;

@@ -407,6 +407,41 @@ pub async fn fetch_analyzers(
     Ok(answer.analyzers)
 }
 
+#[derive(Deserialize)]
+struct QueueAnswer {
+    size: u64,
+}
+
+/// Messages pending in a distributor's WAL (`size` of its `GET /queue`).
+pub async fn fetch_pending(
+    http: &reqwest::Client,
+    distributor_url: &str,
+) -> Result<u64, FetchError> {
+    let answer: QueueAnswer = get_json(http, &join(distributor_url, "/queue")).await?;
+    Ok(answer.size)
+}
+
+/// Poll the distributor every 50 ms until its WAL is empty; `Ok` with the time it took, or, after
+/// `within`, `Err` with what was still pending (`None`: it never answered). A failed poll is
+/// retried: a distributor still recovering may not answer yet.
+pub async fn wait_drained(
+    http: &reqwest::Client,
+    distributor_url: &str,
+    within: std::time::Duration,
+) -> Result<std::time::Duration, Option<u64>> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let pending = fetch_pending(http, distributor_url).await.ok();
+        if pending == Some(0) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= within {
+            return Err(pending);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// An analyzer's `GET /processed`.
 pub async fn fetch_processed(
     http: &reqwest::Client,

@@ -11,7 +11,6 @@ use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::time::Instant;
 
 /// How long a process may take to print `listening on <addr>`.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -355,26 +354,17 @@ impl Topology {
 
     /// Messages pending in the WAL, per `GET /queue`.
     pub async fn pending(&self) -> anyhow::Result<u64> {
-        let queue = self.distributor_json("/queue").await?;
-        queue["size"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("GET /queue has no `size`: {queue}"))
+        Ok(crate::verify::fetch_pending(&self.http, &self.distributor.url).await?)
     }
 
     /// Wait until the WAL is empty; returns how long it took.
     pub async fn drain(&self, within: Duration) -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        loop {
-            // A distributor busy recovering may not answer at once: keep polling until the deadline.
-            if let Ok(0) = self.pending().await {
-                return Ok(started.elapsed());
-            }
-            if started.elapsed() > within {
-                let pending = self.pending().await.unwrap_or(u64::MAX);
-                bail!("{pending} messages still pending after {within:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::verify::wait_drained(&self.http, &self.distributor.url, within)
+            .await
+            .map_err(|pending| match pending {
+                Some(n) => anyhow!("{n} messages still pending after {within:?}"),
+                None => anyhow!("the distributor did not answer GET /queue within {within:?}"),
+            })
     }
 
     /// Stop everything (SIGKILL: the scenario is over and its counts are taken).
