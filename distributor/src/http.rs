@@ -290,6 +290,7 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
             "pending_records": state.wal.pending_records(),
             "bytes_on_disk": state.wal.size_on_disk(),
             "quarantined_records": state.wal.quarantined(),
+            "fdatasyncs": state.wal.disk_syncs(),
         },
         "storage": state.wal.storage_status(),
         "recovery": state.wal.recovery_report(),

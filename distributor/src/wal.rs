@@ -34,6 +34,13 @@
 //!    retries them.
 //! 3. The dispatcher reads records below the *durable horizon* (every `seq` below it is flushed),
 //!    in `seq` order, a bounded window at a time, so memory does not grow with the backlog.
+//!    What "flushed" means on disk: sled 0.34's own `flush` writes its log buffers with `pwrite`
+//!    and `sync_file_range`, which neither flushes the drive's write cache nor commits a grown
+//!    file's size, and it writes an item larger than a quarter segment (a *blob*: a big packet, or
+//!    a leaf of many records consolidated) to a file of its own that it never syncs. A killed
+//!    process loses nothing either way (the page cache survives it); a power cut could. So
+//!    [`Wal::flush`] then `fdatasync`s sled's log file and every blob file not synced yet (and the
+//!    blob directory when it gained one): see [`DiskSync`].
 //! 4. [`Wal::remove_delivered`] removes a record after an analyzer answered 2xx for it. The removal
 //!    is not flushed by itself (sled flushes every 500 ms): a crash may resurrect a delivered record,
 //!    which is then delivered again — a duplicate, never a loss.
@@ -375,6 +382,7 @@ struct Inner {
     pending_messages: AtomicU64,
     dedup_retention: u64,
     recovery: RecoveryReport,
+    disk_sync: DiskSync,
 }
 
 fn key(family: u8, seq: u64) -> [u8; 9] {
@@ -647,6 +655,89 @@ fn aside_path(dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// What [`Wal::flush`] adds to sled's flush so that a flushed record survives a power cut, not
+/// only a process kill (see the module docs, step 2): an `fdatasync` of sled's log file (`db`),
+/// and of each blob file (`blobs/*`) not synced before, then of the blob directory when it gained
+/// a file. Blobs are found by listing the directory, which is skipped while its mtime has not
+/// changed (a cheap `stat` per flush instead of a listing).
+#[derive(Default)]
+struct DiskSync {
+    blobs: Mutex<BlobsSeen>,
+    log_syncs: AtomicU64,
+    blob_syncs: AtomicU64,
+}
+
+#[derive(Default)]
+struct BlobsSeen {
+    /// The blob directory's mtime at the last listing, kept only when it was old enough to trust:
+    /// the kernel stamps mtimes from a coarse clock (a few ms), so two files created within one
+    /// tick can leave the same mtime, and a listing made in that tick might have missed the second.
+    listed_at_mtime: Option<SystemTime>,
+    /// Blob files known to be synced (the ones present at the last listing).
+    synced: std::collections::HashSet<std::ffi::OsString>,
+}
+
+/// How long a directory's mtime must lie in the past before an unchanged mtime proves that no file
+/// was added since it was listed (several ticks of the kernel's coarse clock).
+const MTIME_TRUST_AFTER: Duration = Duration::from_millis(50);
+
+/// How many `fdatasync`s [`Wal::flush`] made on top of sled's own flush (see [`DiskSync`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DiskSyncs {
+    /// Of sled's log file: one per flush.
+    pub log: u64,
+    /// Of blob files (sled's items larger than a quarter segment).
+    pub blobs: u64,
+}
+
+impl DiskSync {
+    /// Make what sled wrote durable on the device. Blocking.
+    fn sync(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::File::open(dir.join("db"))?.sync_data()?;
+        self.log_syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_new_blobs(&dir.join("blobs"))
+    }
+
+    fn sync_new_blobs(&self, blobs_dir: &Path) -> std::io::Result<()> {
+        let mut seen = lock(&self.blobs);
+        let listing_started = SystemTime::now();
+        let mtime = match std::fs::metadata(blobs_dir) {
+            Ok(m) => m.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if mtime.is_some() && mtime == seen.listed_at_mtime {
+            return Ok(());
+        }
+        let mut present = std::collections::HashSet::with_capacity(seen.synced.len() + 4);
+        let mut added = false;
+        for entry in std::fs::read_dir(blobs_dir)? {
+            let name = entry?.file_name();
+            if !seen.synced.contains(&name) {
+                match std::fs::File::open(blobs_dir.join(&name)) {
+                    Ok(f) => f.sync_data()?,
+                    // sled freed it meanwhile: nothing to keep.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                self.blob_syncs.fetch_add(1, Ordering::Relaxed);
+                added = true;
+            }
+            present.insert(name);
+        }
+        if added {
+            std::fs::File::open(blobs_dir)?.sync_all()?;
+        }
+        seen.synced = present;
+        seen.listed_at_mtime = mtime.filter(|m| {
+            listing_started
+                .duration_since(*m)
+                .is_ok_and(|age| age >= MTIME_TRUST_AFTER)
+        });
+        Ok(())
+    }
+}
+
 fn sync_dir(dir: &Path) {
     // Makes a created or removed marker file durable; best effort (not every filesystem
     // supports fsync on a directory).
@@ -818,6 +909,7 @@ impl Wal {
                 pending_messages: AtomicU64::new(recovered.messages),
                 dedup_retention,
                 recovery,
+                disk_sync: DiskSync::default(),
             }),
         };
         Ok((wal, recovered))
@@ -966,6 +1058,10 @@ impl Wal {
         let horizon = self.inner.next_seq.load(Ordering::Acquire);
         db.flush().map_err(|e| self.failed(e))?;
         self.inner
+            .disk_sync
+            .sync(&self.inner.dir)
+            .map_err(|e| self.failed(sled::Error::Io(e)))?;
+        self.inner
             .durable_horizon
             .fetch_max(horizon, Ordering::AcqRel);
         Ok(generation)
@@ -1009,6 +1105,14 @@ impl Wal {
 
     /// Bumped by every in-process reopen. A reader that remembers what it read must read the WAL
     /// again from the start when this changes: removals that were lost make records pending again.
+    /// The `fdatasync`s made by [`Wal::flush`] on top of sled's flush, since open.
+    pub fn disk_syncs(&self) -> DiskSyncs {
+        DiskSyncs {
+            log: self.inner.disk_sync.log_syncs.load(Ordering::Relaxed),
+            blobs: self.inner.disk_sync.blob_syncs.load(Ordering::Relaxed),
+        }
+    }
+
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
     }
@@ -1320,6 +1424,43 @@ mod tests {
         assert_eq!(recs[0].accepted_at_ms, 1_000);
         let msgs: Vec<serde_json::Value> = serde_json::from_slice(recs[0].raw_messages()).unwrap();
         assert_eq!(msgs.len(), 3);
+    }
+
+    /// A packet bigger than a quarter of sled's segment becomes a sled *blob*, a file that sled
+    /// itself never syncs: the WAL's flush must `fdatasync` it (once), and sled's log every time.
+    #[test]
+    fn flush_syncs_the_log_every_time_and_each_new_blob_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
+        let big = |id: &str| {
+            let body = format!(
+                r#"{{"emitter_id":"e","packet_id":"{id}","messages":[{{"timestamp":1,"level":"INFO","message":"{}"}}]}}"#,
+                "x".repeat(200_000)
+            );
+            let p = parse_packet(body.as_bytes(), &Limits::default()).unwrap();
+            wal.append(&p, 1).unwrap();
+        };
+        let before = wal.disk_syncs();
+        big("b1");
+        wal.flush().unwrap();
+        let first = wal.disk_syncs();
+        assert_eq!(first.log, before.log + 1);
+        assert!(
+            first.blobs > before.blobs,
+            "{first:?}: the blob was not synced"
+        );
+        let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count() as u64;
+        assert!(
+            blobs >= 1 && first.blobs <= blobs,
+            "{first:?}, {blobs} blob files"
+        );
+        // Nothing new: the log is synced again, no blob is.
+        wal.flush().unwrap();
+        let second = wal.disk_syncs();
+        assert_eq!((second.log, second.blobs), (first.log + 1, first.blobs));
+        big("b2");
+        wal.flush().unwrap();
+        assert!(wal.disk_syncs().blobs > second.blobs);
     }
 
     #[test]
