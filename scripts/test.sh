@@ -18,6 +18,8 @@ step "checking tools"
 command -v cargo >/dev/null || { echo "error: cargo is required (https://rustup.rs)" >&2; exit 2; }
 missing=()
 for tool in curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+# promtool (Debian's prometheus package) validates every service's GET /metrics.
+command -v promtool >/dev/null || missing+=(prometheus)
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
     echo "installing: ${missing[*]}"
@@ -27,6 +29,8 @@ if ((${#missing[@]})); then
   fi
 fi
 cargo --version
+# With promtool present, the metrics tests must use it rather than skip.
+export LOGDIST_REQUIRE_PROMTOOL=1
 
 # ---- static checks
 if cargo fmt --version >/dev/null 2>&1; then
@@ -60,6 +64,10 @@ if ((QUICK == 0)); then
   ./docker.sh start --local
   ./docker.sh generate 40 >/dev/null
   ./docker.sh verify-weights
+  for port in 8080 8081 8082 8083 8084; do
+    echo "promtool check metrics: http://127.0.0.1:$port/metrics"
+    curl -fsS "http://127.0.0.1:$port/metrics" | promtool check metrics
+  done
   ./docker.sh disable analyzer-2
   ./docker.sh generate 4 >/dev/null
   kill -9 "$(cat "$LOGDIST_RUN_DIR/distributor.pid")"

@@ -46,6 +46,7 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use anyhow::Context;
 use futures_util::StreamExt;
 use logdist_config::AnalyzerSettings;
+use logdist_proto::metrics::{self, Exposition, Histogram, Kind};
 use logdist_proto::{AnalyzeRequest, Limits, LogMessage};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -80,6 +81,10 @@ struct Shared {
     audit_log: Option<Mutex<AuditLog>>,
     /// Taken on its own, never together with another lock, and never across an `.await`.
     faults: Mutex<FaultInjector>,
+    /// Duration of each `POST /analyze` that was answered 200.
+    batch_latency: Histogram,
+    /// `POST /analyze` requests refused (disabled, bad input, injected errors).
+    refused_batches: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -179,6 +184,8 @@ pub async fn run(
         state: Mutex::new(state),
         audit_log: audit_log.map(Mutex::new),
         faults: Mutex::new(FaultInjector::default()),
+        batch_latency: Histogram::latency(),
+        refused_batches: Default::default(),
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -235,6 +242,7 @@ fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/analyze", web::post().to(analyze)))
         .service(resource("/health", web::get().to(health)))
         .service(resource("/status", web::get().to(status)))
+        .service(resource("/metrics", web::get().to(prometheus)))
         .service(resource("/processed", web::get().to(processed)))
         .service(resource("/audit", web::get().to(audit)))
         .service(resource("/enable", web::post().to(enable)))
@@ -275,6 +283,24 @@ async fn analyze(
     req: HttpRequest,
     payload: web::Payload,
     shared: web::Data<Shared>,
+) -> Result<HttpResponse, ApiError> {
+    let started = Instant::now();
+    let answer = analyze_inner(req, payload, &shared).await;
+    match answer {
+        Ok(_) => shared.batch_latency.observe(started.elapsed()),
+        Err(_) => {
+            shared
+                .refused_batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    answer
+}
+
+async fn analyze_inner(
+    req: HttpRequest,
+    payload: web::Payload,
+    shared: &web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     // Injected latency first, so it delays every answer; the guard is dropped before the sleep.
     let latency = shared.faults().faults().latency();
@@ -594,6 +620,113 @@ async fn status(shared: web::Data<Shared>) -> HttpResponse {
     })
 }
 
+/// `GET /metrics`: the Prometheus text format (families listed in the README, "Metrics").
+async fn prometheus(shared: web::Data<Shared>) -> HttpResponse {
+    let (enabled, st) = {
+        let state = shared.lock();
+        (state.enabled, state.statistics())
+    };
+    let label = [("analyzer", shared.id.as_str())];
+    let mut e = Exposition::new();
+    e.family(
+        "logdist_analyzer_messages_processed_total",
+        Kind::Counter,
+        "Distinct messages processed (restored from the audit log at start included).",
+    )
+    .sample(
+        "logdist_analyzer_messages_processed_total",
+        &label,
+        st.processed as f64,
+    )
+    .family(
+        "logdist_analyzer_duplicate_messages_total",
+        Kind::Counter,
+        "Messages received again after being processed once (not processed again).",
+    )
+    .sample(
+        "logdist_analyzer_duplicate_messages_total",
+        &label,
+        st.duplicates as f64,
+    )
+    .family(
+        "logdist_analyzer_error_messages_total",
+        Kind::Counter,
+        "Processed messages of level ERROR, FATAL or CRITICAL.",
+    )
+    .sample(
+        "logdist_analyzer_error_messages_total",
+        &label,
+        st.errors as f64,
+    )
+    .family(
+        "logdist_analyzer_messages_by_level_total",
+        Kind::Counter,
+        "Processed messages by level (restored ones not included).",
+    );
+    for (level, n) in &st.by_level {
+        e.sample(
+            "logdist_analyzer_messages_by_level_total",
+            &[("analyzer", shared.id.as_str()), ("level", level.as_str())],
+            *n as f64,
+        );
+    }
+    e.family(
+        "logdist_analyzer_batches_refused_total",
+        Kind::Counter,
+        "POST /analyze requests refused (disabled, bad input, injected errors).",
+    )
+    .sample(
+        "logdist_analyzer_batches_refused_total",
+        &label,
+        shared
+            .refused_batches
+            .load(std::sync::atomic::Ordering::Relaxed) as f64,
+    )
+    .family(
+        "logdist_analyzer_enabled",
+        Kind::Gauge,
+        "1 while the analyzer accepts batches, 0 after POST /disable.",
+    )
+    .sample(
+        "logdist_analyzer_enabled",
+        &label,
+        f64::from(u8::from(enabled)),
+    )
+    .family(
+        "logdist_analyzer_remembered_packets",
+        Kind::Gauge,
+        "Packets held in the de-duplication memory.",
+    )
+    .sample(
+        "logdist_analyzer_remembered_packets",
+        &label,
+        st.remembered_packets as f64,
+    )
+    .family(
+        "logdist_analyzer_forgotten_packets_total",
+        Kind::Counter,
+        "Packets dropped from the de-duplication memory at its capacity.",
+    )
+    .sample(
+        "logdist_analyzer_forgotten_packets_total",
+        &label,
+        st.forgotten_packets as f64,
+    )
+    .family(
+        "logdist_analyzer_batch_duration_seconds",
+        Kind::Histogram,
+        "Duration of each POST /analyze answered 200.",
+    )
+    .histogram(
+        "logdist_analyzer_batch_duration_seconds",
+        &label,
+        &shared.batch_latency,
+    );
+    HttpResponse::Ok()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(e.finish())
+}
+
 async fn processed(shared: web::Data<Shared>) -> HttpResponse {
     let (processed, duplicates) = shared.lock().totals();
     HttpResponse::Ok().json(Analyzed {
@@ -701,6 +834,8 @@ mod tests {
             state: Mutex::new(AnalyzerState::new(100)),
             audit_log: Some(Mutex::new(audit_log)),
             faults: Mutex::new(FaultInjector::default()),
+            batch_latency: Histogram::latency(),
+            refused_batches: Default::default(),
         }
     }
 

@@ -6,10 +6,13 @@
 //! a disabled analyzer, a 4xx — is a failure, retried `retry_count` times with backoff and then
 //! reported, so the records go to the redelivery worker instead of being dropped.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use actix_web::web::Bytes;
 use backon::{ExponentialBuilder, Retryable};
+
+use crate::stats::AnalyzerView;
 
 /// How one analyzer is reached.
 #[derive(Debug, Clone)]
@@ -71,13 +74,41 @@ pub async fn send_batch(
     endpoint: &Endpoint,
     body: Bytes,
     backoff: Backoff,
+    view: &AnalyzerView,
 ) -> Result<(), SendFailure> {
     let attempt = || async {
+        let started = std::time::Instant::now();
+        let result = attempt_once(http, endpoint, body.clone()).await;
+        view.send_latency.observe(started.elapsed());
+        result
+    };
+    attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(backoff.initial)
+                .with_max_delay(backoff.max)
+                .with_max_times(endpoint.retry_count as usize),
+        )
+        .when(|err| !matches!(err, SendFailure::Rejected { .. }))
+        .notify(|err, after| {
+            view.send_retries.fetch_add(1, Relaxed);
+            tracing::debug!(url = %endpoint.analyze_url, %err, ?after, "send failed; retrying");
+        })
+        .await
+}
+
+/// One POST of a batch, no retry.
+async fn attempt_once(
+    http: &reqwest::Client,
+    endpoint: &Endpoint,
+    body: Bytes,
+) -> Result<(), SendFailure> {
+    {
         let response = http
             .post(&endpoint.analyze_url)
             .header("content-type", "application/json")
             .timeout(endpoint.timeout)
-            .body(body.clone())
+            .body(body)
             .send()
             .await
             .map_err(|e| SendFailure::Transport(error_chain(&e)))?;
@@ -96,19 +127,7 @@ pub async fn send_batch(
                 error,
             })
         }
-    };
-    attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(backoff.initial)
-                .with_max_delay(backoff.max)
-                .with_max_times(endpoint.retry_count as usize),
-        )
-        .when(|err| !matches!(err, SendFailure::Rejected { .. }))
-        .notify(|err, after| {
-            tracing::debug!(url = %endpoint.analyze_url, %err, ?after, "send failed; retrying");
-        })
-        .await
+    }
 }
 
 /// `GET /health`: true on a 2xx within the timeout.

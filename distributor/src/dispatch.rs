@@ -393,14 +393,16 @@ impl Dispatcher {
         self.shared.analyzers[slot]
             .in_flight_messages
             .fetch_add(messages as u64, Relaxed);
-        let (http, endpoint, tx, backoff) = (
+        let (http, endpoint, tx, backoff, shared) = (
             self.http.clone(),
             self.slots[slot].endpoint.clone(),
             self.outcomes_tx.clone(),
             self.cfg.backoff,
+            self.shared.clone(),
         );
         tokio::spawn(async move {
-            let result = delivery::send_batch(&http, &endpoint, body, backoff).await;
+            let view = &shared.analyzers[slot];
+            let result = delivery::send_batch(&http, &endpoint, body, backoff, view).await;
             // The receiver lives as long as the dispatcher, which waits for every batch.
             let _ = tx.send(Outcome { slot, seqs, result });
         });

@@ -25,8 +25,9 @@ use logdist_proto::{parse_packet, Limits, PacketError};
 use serde_json::json;
 
 use crate::commit::{CommitError, GroupCommit};
-use crate::stats::{now_ms, Shared};
+use crate::stats::{now_ms, Shared, REJECT_REASONS};
 use crate::wal::{Appended, Prepared, Wal, WalError};
+use logdist_proto::metrics::{self, Exposition, Kind};
 
 /// What every handler shares.
 pub struct AppState {
@@ -70,6 +71,22 @@ pub enum ApiError {
     /// No such route (404).
     #[error("no route for {method} {path}")]
     NotFound { method: String, path: String },
+}
+
+impl ApiError {
+    /// The `reason` label this refusal is counted under (one of `stats::REJECT_REASONS`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Body(_) => "unreadable_body",
+            ApiError::BodyTimeout(_) => "body_timeout",
+            ApiError::BadPacket(_) => "bad_packet",
+            ApiError::Backpressure { .. } => "backpressure",
+            ApiError::DiskFull(_) => "disk_full",
+            ApiError::Storage(_) | ApiError::NotFound { .. } => "storage",
+        }
+    }
 }
 
 impl ResponseError for ApiError {
@@ -126,6 +143,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/queue", web::get().to(queue))
         .route("/stats", web::get().to(stats))
         .route("/health", web::get().to(health))
+        .route("/metrics", web::get().to(prometheus))
         .default_service(web::to(not_found));
 }
 
@@ -182,9 +200,16 @@ async fn accept_packet(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let started = std::time::Instant::now();
     let result = accept_packet_inner(&req, payload, &state).await;
-    if result.is_err() {
-        state.shared.rejected_requests.fetch_add(1, Relaxed);
+    match &result {
+        Ok(_) => state.shared.ack_latency.observe(started.elapsed()),
+        Err(e) => {
+            state.shared.rejected_requests.fetch_add(1, Relaxed);
+            if let Some(i) = REJECT_REASONS.iter().position(|r| *r == e.reason()) {
+                state.shared.rejected_by_reason[i].fetch_add(1, Relaxed);
+            }
+        }
     }
     result
 }
@@ -328,4 +353,194 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         "pending": state.wal.pending_messages(),
         "storage": state.wal.storage_status().state,
     }))
+}
+
+/// `GET /metrics`: the Prometheus text format. Every family is documented in the README
+/// ("Metrics").
+async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
+    let s = &state.shared;
+    let mut e = Exposition::new();
+    let count = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed) as f64;
+    e.single(
+        "logdist_distributor_packets_accepted_total",
+        Kind::Counter,
+        "Packets stored in the WAL and acknowledged (duplicates not included).",
+        count(&s.accepted_packets),
+    )
+    .single(
+        "logdist_distributor_messages_accepted_total",
+        Kind::Counter,
+        "Messages stored in the WAL and acknowledged (duplicates not included).",
+        count(&s.accepted_messages),
+    )
+    .single(
+        "logdist_distributor_duplicate_packets_total",
+        Kind::Counter,
+        "Packets answered as duplicates of a packet accepted before (not stored again).",
+        count(&s.duplicate_packets),
+    )
+    .family(
+        "logdist_distributor_requests_rejected_total",
+        Kind::Counter,
+        "POST /logs requests refused, by reason.",
+    );
+    for (reason, n) in REJECT_REASONS.iter().zip(&s.rejected_by_reason) {
+        e.sample(
+            "logdist_distributor_requests_rejected_total",
+            &[("reason", reason)],
+            count(n),
+        );
+    }
+    e.single(
+        "logdist_distributor_messages_redelivered_total",
+        Kind::Counter,
+        "Messages the redelivery worker handed to another analyzer after failed sends.",
+        count(&s.redelivered_messages),
+    );
+    type Per = fn(&crate::stats::AnalyzerView) -> f64;
+    let per_analyzer: [(&str, Kind, &str, Per); 9] = [
+        (
+            "logdist_distributor_messages_acknowledged_total",
+            Kind::Counter,
+            "Messages an analyzer answered 2xx for (and that left the WAL).",
+            |a| a.acknowledged_messages.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_send_retries_total",
+            Kind::Counter,
+            "Batch sends repeated after a failed attempt.",
+            |a| a.send_retries.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_batches_failed_total",
+            Kind::Counter,
+            "Batches that failed after all their retries (their messages wait for redelivery).",
+            |a| a.failed_batches.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_batches_refused_total",
+            Kind::Counter,
+            "Batches an analyzer refused for their content (4xx).",
+            |a| a.rejected_batches.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_messages_in_flight",
+            Kind::Gauge,
+            "Messages in batches being sent to the analyzer now.",
+            |a| a.in_flight_messages.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_messages_queued",
+            Kind::Gauge,
+            "Messages assigned to the analyzer and waiting for a free send slot.",
+            |a| a.queued_messages.load(Relaxed) as f64,
+        ),
+        (
+            "logdist_distributor_analyzer_up",
+            Kind::Gauge,
+            "1 while the analyzer gets traffic (healthy), 0 otherwise.",
+            |a| f64::from(u8::from(a.healthy.load(Relaxed))),
+        ),
+        (
+            "logdist_distributor_analyzer_consecutive_failures",
+            Kind::Gauge,
+            "Failed batches in a row (resets on a success).",
+            |a| f64::from(a.consecutive_failures.load(Relaxed)),
+        ),
+        (
+            "logdist_distributor_analyzer_weight",
+            Kind::Gauge,
+            "Configured relative weight.",
+            |a| a.weight,
+        ),
+    ];
+    for (name, kind, help, value) in per_analyzer {
+        e.family(name, kind, help);
+        for a in &s.analyzers {
+            e.sample(name, &[("analyzer", &a.id)], value(a));
+        }
+    }
+    let oldest = s.oldest_accepted_at_ms.load(Relaxed);
+    let age = if oldest == 0 {
+        0.0
+    } else {
+        now_ms().saturating_sub(oldest) as f64 / 1000.0
+    };
+    let syncs = state.wal.disk_syncs();
+    e.single(
+        "logdist_distributor_wal_pending_messages",
+        Kind::Gauge,
+        "Messages in the WAL not yet acknowledged by an analyzer.",
+        state.wal.pending_messages() as f64,
+    )
+    .single(
+        "logdist_distributor_wal_pending_records",
+        Kind::Gauge,
+        "Packets (WAL records) not yet acknowledged by an analyzer.",
+        state.wal.pending_records() as f64,
+    )
+    .single(
+        "logdist_distributor_oldest_pending_age_seconds",
+        Kind::Gauge,
+        "Age of the oldest pending message in the dispatch window (0 when none).",
+        age,
+    )
+    .single(
+        "logdist_distributor_messages_awaiting_redelivery",
+        Kind::Gauge,
+        "Messages whose sends failed, waiting for the redelivery worker.",
+        count(&s.awaiting_redelivery_messages),
+    )
+    .single(
+        "logdist_distributor_wal_size_bytes",
+        Kind::Gauge,
+        "Size of the WAL's files on disk.",
+        state.wal.size_on_disk() as f64,
+    )
+    .single(
+        "logdist_distributor_wal_writable",
+        Kind::Gauge,
+        "1 while the WAL accepts writes, 0 while it is failed (e.g. disk full) or reopening.",
+        f64::from(u8::from(state.wal.is_writable())),
+    )
+    .family(
+        "logdist_distributor_wal_fdatasyncs_total",
+        Kind::Counter,
+        "fdatasync calls the WAL made after sled's flush, by file kind.",
+    )
+    .sample(
+        "logdist_distributor_wal_fdatasyncs_total",
+        &[("file", "log")],
+        syncs.log as f64,
+    )
+    .sample(
+        "logdist_distributor_wal_fdatasyncs_total",
+        &[("file", "blob")],
+        syncs.blobs as f64,
+    )
+    .family(
+        "logdist_distributor_ack_latency_seconds",
+        Kind::Histogram,
+        "From a POST /logs request's start to its acknowledgement (after the WAL flush).",
+    )
+    .histogram(
+        "logdist_distributor_ack_latency_seconds",
+        &[],
+        &s.ack_latency,
+    )
+    .family(
+        "logdist_distributor_send_latency_seconds",
+        Kind::Histogram,
+        "Duration of each batch send attempt to an analyzer, answered or not.",
+    );
+    for a in &s.analyzers {
+        e.histogram(
+            "logdist_distributor_send_latency_seconds",
+            &[("analyzer", &a.id)],
+            &a.send_latency,
+        );
+    }
+    HttpResponse::Ok()
+        .content_type(metrics::CONTENT_TYPE)
+        .body(e.finish())
 }

@@ -6,6 +6,20 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use logdist_config::AnalyzerEntry;
+use logdist_proto::metrics::Histogram;
+
+/// Why `POST /logs` refused a request: the `reason` label of
+/// `logdist_distributor_requests_rejected_total` (see `http::ApiError::reason`).
+pub const REJECT_REASONS: [&str; 8] = [
+    "unsupported_media_type",
+    "payload_too_large",
+    "unreadable_body",
+    "body_timeout",
+    "bad_packet",
+    "backpressure",
+    "disk_full",
+    "storage",
+];
 
 /// What the distributor knows of one analyzer.
 #[derive(Debug)]
@@ -25,6 +39,10 @@ pub struct AnalyzerView {
     pub failed_batches: AtomicU64,
     /// Batches it refused for their content (4xx): not held against its health.
     pub rejected_batches: AtomicU64,
+    /// Sends repeated after a failed attempt (each retry counts once).
+    pub send_retries: AtomicU64,
+    /// Duration of every send attempt to it, answered or not.
+    pub send_latency: Histogram,
 }
 
 /// Process-wide counters.
@@ -35,6 +53,10 @@ pub struct Shared {
     pub accepted_messages: AtomicU64,
     pub duplicate_packets: AtomicU64,
     pub rejected_requests: AtomicU64,
+    /// `rejected_requests` by reason, indexed like [`REJECT_REASONS`].
+    pub rejected_by_reason: [AtomicU64; REJECT_REASONS.len()],
+    /// From a `POST /logs` request's start to its 2xx (202, or 200 for a duplicate).
+    pub ack_latency: Histogram,
     /// Messages handed to the redelivery worker's choice of another analyzer.
     pub redelivered_messages: AtomicU64,
     /// Messages whose last send failed, waiting for the redelivery worker.
@@ -61,12 +83,16 @@ impl Shared {
                     in_flight_messages: AtomicU64::new(0),
                     failed_batches: AtomicU64::new(0),
                     rejected_batches: AtomicU64::new(0),
+                    send_retries: AtomicU64::new(0),
+                    send_latency: Histogram::latency(),
                 })
                 .collect(),
             accepted_packets: AtomicU64::new(0),
             accepted_messages: AtomicU64::new(0),
             duplicate_packets: AtomicU64::new(0),
             rejected_requests: AtomicU64::new(0),
+            rejected_by_reason: Default::default(),
+            ack_latency: Histogram::latency(),
             redelivered_messages: AtomicU64::new(0),
             awaiting_redelivery_messages: AtomicU64::new(0),
             unassigned_messages: AtomicU64::new(0),

@@ -210,6 +210,7 @@ pub async fn run(
             .app_data(app_state.clone())
             .route("/health", web::get().to(health))
             .route("/stats", web::get().to(stats))
+            .route("/metrics", web::get().to(prometheus))
             .route("/generate", web::post().to(generate))
             .route("/start", web::post().to(start))
             .route("/stop", web::post().to(stop))
@@ -280,6 +281,75 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
         rate_messages_per_sec: running.rate_messages_per_sec,
         distributor_url: &state.distributor_url,
     })
+}
+
+/// `GET /metrics`: the Prometheus text format (families listed in the README, "Metrics").
+async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
+    use logdist_proto::metrics::{Exposition, Kind, CONTENT_TYPE};
+    let l = state.workload.ledger.snapshot();
+    let running = state.running();
+    let mut e = Exposition::new();
+    for (name, kind, help, value) in [
+        (
+            "logdist_emitter_packets_sent_total",
+            Kind::Counter,
+            "Packets whose first try started.",
+            l.packets_sent,
+        ),
+        (
+            "logdist_emitter_messages_sent_total",
+            Kind::Counter,
+            "Messages in packets whose first try started.",
+            l.messages_sent,
+        ),
+        (
+            "logdist_emitter_packets_acknowledged_total",
+            Kind::Counter,
+            "Packets the distributor answered 2xx for (duplicates included).",
+            l.packets_acknowledged,
+        ),
+        (
+            "logdist_emitter_messages_acknowledged_total",
+            Kind::Counter,
+            "Messages in packets the distributor answered 2xx for.",
+            l.messages_acknowledged,
+        ),
+        (
+            "logdist_emitter_duplicate_acks_total",
+            Kind::Counter,
+            "Acknowledgements saying the distributor already had the packet.",
+            l.duplicate_acks,
+        ),
+        (
+            "logdist_emitter_retries_total",
+            Kind::Counter,
+            "Tries beyond the first, over all packets.",
+            l.retries,
+        ),
+        (
+            "logdist_emitter_packets_failed_total",
+            Kind::Counter,
+            "Packets refused with a permanent 4xx.",
+            l.permanent_failures,
+        ),
+        (
+            "logdist_emitter_packets_expired_total",
+            Kind::Counter,
+            "Packets given up on because their deadline passed.",
+            l.deadline_failures,
+        ),
+    ] {
+        e.single(name, kind, help, value as f64);
+    }
+    e.single(
+        "logdist_emitter_running",
+        Kind::Gauge,
+        "1 while continuous generation (POST /start) runs.",
+        f64::from(u8::from(running.running)),
+    );
+    HttpResponse::Ok()
+        .content_type(CONTENT_TYPE)
+        .body(e.finish())
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -21,6 +21,7 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
 
+pub mod metrics;
 pub mod probe;
 mod timestamp;
 pub use timestamp::{check_timestamp, TimestampError};

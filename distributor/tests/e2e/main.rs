@@ -355,3 +355,153 @@ async fn a_packet_an_analyzer_refuses_stays_in_the_wal_without_dragging_its_batc
     let health = get_json(&format!("{}/health", d.url)).await;
     assert_eq!(health["analyzers"][0]["healthy"], true, "{health}");
 }
+
+/// `GET /metrics` text as `"name{labels}" -> value`.
+async fn scrape(base: &str) -> (String, std::collections::HashMap<String, f64>) {
+    let text = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let values = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap();
+            (k.to_string(), v.parse::<f64>().unwrap())
+        })
+        .collect();
+    (text, values)
+}
+
+/// `promtool check metrics` (Debian's `prometheus` package) on `text`. Without promtool the
+/// check is skipped with a line saying so, unless `LOGDIST_REQUIRE_PROMTOOL` is set (`.ci/run`
+/// installs it and sets it), in which case its absence fails the test.
+fn promtool_check(what: &str, text: &str) {
+    use std::io::Write;
+    let child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("LOGDIST_REQUIRE_PROMTOOL").is_none() => {
+            eprintln!("SKIP: promtool check of {what}: promtool not runnable ({e})");
+            return;
+        }
+        Err(e) => panic!("promtool is required (LOGDIST_REQUIRE_PROMTOOL) but not runnable: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed for {what}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_pass_promtool() {
+    // Arrange
+    let a = analyzers(2).await;
+    let d = Distributor::start(&[(&a[0], 0.6), (&a[1], 0.4)], "").await;
+
+    // Act: 40 packets of 25 messages, one packet sent twice, and two bad requests.
+    let sent = packets(21, 40, 25);
+    let acked = send_all(&d.client(), sent.clone(), 4).await;
+    send_all(&d.client(), vec![sent[0].clone()], 1).await;
+    let post = |ct: &'static str, body: &'static str| {
+        http()
+            .post(format!("{}/logs", d.url))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        post("application/json", r#"{"emitter_id":"e"}"#)
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(post("text/plain", "{}").await.unwrap().status(), 415);
+    d.wait_drained(DRAIN).await;
+
+    // Assert: the distributor's counters match what was sent, message for message.
+    assert_eq!(acked.len(), 1000);
+    let (text, m) = scrape(&d.url).await;
+    let v = |k: &str| {
+        *m.get(k)
+            .unwrap_or_else(|| panic!("no sample {k} in:\n{text}"))
+    };
+    assert_eq!(v("logdist_distributor_messages_accepted_total"), 1000.0);
+    assert_eq!(v("logdist_distributor_packets_accepted_total"), 40.0);
+    assert_eq!(v("logdist_distributor_duplicate_packets_total"), 1.0);
+    assert_eq!(
+        v(r#"logdist_distributor_requests_rejected_total{reason="bad_packet"}"#),
+        1.0
+    );
+    assert_eq!(
+        v(r#"logdist_distributor_requests_rejected_total{reason="unsupported_media_type"}"#),
+        1.0
+    );
+    let acknowledged: f64 = ["analyzer-1", "analyzer-2"]
+        .iter()
+        .map(|id| {
+            v(&format!(
+                r#"logdist_distributor_messages_acknowledged_total{{analyzer="{id}"}}"#
+            ))
+        })
+        .sum();
+    assert_eq!(acknowledged, 1000.0);
+    assert_eq!(v("logdist_distributor_wal_pending_messages"), 0.0);
+    // 40 new packets and the duplicate were acknowledged: 41 observations.
+    assert_eq!(v("logdist_distributor_ack_latency_seconds_count"), 41.0);
+    assert_eq!(
+        v(r#"logdist_distributor_ack_latency_seconds_bucket{le="+Inf"}"#),
+        41.0
+    );
+    for id in ["analyzer-1", "analyzer-2"] {
+        assert_eq!(
+            v(&format!(
+                r#"logdist_distributor_analyzer_up{{analyzer="{id}"}}"#
+            )),
+            1.0
+        );
+        assert!(
+            v(&format!(
+                r#"logdist_distributor_send_latency_seconds_count{{analyzer="{id}"}}"#
+            )) >= 1.0
+        );
+    }
+    assert!(v(r#"logdist_distributor_wal_fdatasyncs_total{file="log"}"#) >= 1.0);
+    promtool_check("the distributor's /metrics", &text);
+
+    // The analyzers count the same messages from their side.
+    let mut processed = 0.0;
+    for x in &a {
+        let (text, m) = scrape(&x.url).await;
+        let key = format!(
+            r#"logdist_analyzer_messages_processed_total{{analyzer="{}"}}"#,
+            x.id
+        );
+        processed += m[&key];
+        assert_eq!(
+            m[&format!(r#"logdist_analyzer_enabled{{analyzer="{}"}}"#, x.id)],
+            1.0
+        );
+        promtool_check("an analyzer's /metrics", &text);
+    }
+    assert_eq!(processed, 1000.0);
+}
