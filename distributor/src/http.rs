@@ -84,7 +84,9 @@ impl ApiError {
             ApiError::BadPacket(_) => "bad_packet",
             ApiError::Backpressure { .. } => "backpressure",
             ApiError::DiskFull(_) => "disk_full",
-            ApiError::Storage(_) | ApiError::NotFound { .. } => "storage",
+            ApiError::Storage(_) => "storage",
+            // Not a `POST /logs` outcome; not counted by reason.
+            ApiError::NotFound { .. } => "not_found",
         }
     }
 }

@@ -660,6 +660,12 @@ fn aside_path(dir: &Path) -> PathBuf {
 /// and of each blob file (`blobs/*`) not synced before, then of the blob directory when it gained
 /// a file. Blobs are found by listing the directory, which is skipped while its mtime has not
 /// changed (a cheap `stat` per flush instead of a listing).
+///
+/// Other threads keep writing while a flush runs, so a listing may meet a blob sled is still
+/// writing (it creates the file, then writes it). A blob whose own mtime is recent is therefore
+/// kept in `recent` and synced again by the next flushes whenever its length changed, until its
+/// mtime is old enough to prove it complete. "Old enough" is [`MTIME_TRUST_AFTER`], wide enough for
+/// filesystems that store whole seconds.
 #[derive(Default)]
 struct DiskSync {
     blobs: Mutex<BlobsSeen>,
@@ -670,18 +676,27 @@ struct DiskSync {
 #[derive(Default)]
 struct BlobsSeen {
     /// The blob directory's mtime at the last listing, kept only when it was old enough to trust:
-    /// the kernel stamps mtimes from a coarse clock (a few ms), so two files created within one
-    /// tick can leave the same mtime, and a listing made in that tick might have missed the second.
+    /// mtimes come from a coarse clock, so a file created just after a listing can leave the
+    /// mtime the listing saw.
     listed_at_mtime: Option<SystemTime>,
-    /// Blob files known to be synced (the ones present at the last listing).
+    /// Blob files synced (the ones present at the last listing).
     synced: std::collections::HashSet<std::ffi::OsString>,
+    /// Synced blob files that may still have been growing, with the length synced.
+    recent: Vec<(std::ffi::OsString, u64)>,
 }
 
-/// How long a directory's mtime must lie in the past before an unchanged mtime proves that no file
-/// was added since it was listed (several ticks of the kernel's coarse clock).
-const MTIME_TRUST_AFTER: Duration = Duration::from_millis(50);
+/// How long an mtime must lie in the past before it proves that nothing changed since: two
+/// seconds covers filesystems that keep whole seconds, and the kernel's coarse clock.
+const MTIME_TRUST_AFTER: Duration = Duration::from_secs(2);
 
-/// How many `fdatasync`s [`Wal::flush`] made on top of sled's own flush (see [`DiskSync`]).
+fn old_enough(mtime: Option<SystemTime>, now: SystemTime) -> bool {
+    mtime.is_some_and(|m| {
+        now.duration_since(m)
+            .is_ok_and(|age| age >= MTIME_TRUST_AFTER)
+    })
+}
+
+/// How many `fdatasync`s [`Wal::flush`] made on top of sled's flush (see [`DiskSync`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DiskSyncs {
     /// Of sled's log file: one per flush.
@@ -698,9 +713,50 @@ impl DiskSync {
         self.sync_new_blobs(&dir.join("blobs"))
     }
 
+    /// Forget what was synced: after a reopen sled may reuse a blob file's name.
+    fn forget(&self) {
+        *lock(&self.blobs) = BlobsSeen::default();
+    }
+
+    /// `fdatasync` one blob file; `None` when it is gone (sled freed it: nothing to keep).
+    /// Returns its length and mtime after the sync.
+    fn sync_blob(&self, path: &Path) -> std::io::Result<Option<(u64, Option<SystemTime>)>> {
+        let f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        f.sync_data()?;
+        self.blob_syncs.fetch_add(1, Ordering::Relaxed);
+        let meta = f.metadata()?;
+        Ok(Some((meta.len(), meta.modified().ok())))
+    }
+
     fn sync_new_blobs(&self, blobs_dir: &Path) -> std::io::Result<()> {
         let mut seen = lock(&self.blobs);
-        let listing_started = SystemTime::now();
+        let now = SystemTime::now();
+        // Blobs that were perhaps still being written when last synced.
+        let mut still_recent = Vec::new();
+        for (name, synced_len) in std::mem::take(&mut seen.recent) {
+            let path = blobs_dir.join(&name);
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let (len, mtime) = if meta.len() == synced_len {
+                (meta.len(), meta.modified().ok())
+            } else {
+                match self.sync_blob(&path)? {
+                    Some(x) => x,
+                    None => continue,
+                }
+            };
+            if !old_enough(mtime, now) {
+                still_recent.push((name, len));
+            }
+        }
+        seen.recent = still_recent;
         let mtime = match std::fs::metadata(blobs_dir) {
             Ok(m) => m.modified().ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -714,13 +770,12 @@ impl DiskSync {
         for entry in std::fs::read_dir(blobs_dir)? {
             let name = entry?.file_name();
             if !seen.synced.contains(&name) {
-                match std::fs::File::open(blobs_dir.join(&name)) {
-                    Ok(f) => f.sync_data()?,
-                    // sled freed it meanwhile: nothing to keep.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+                let Some((len, file_mtime)) = self.sync_blob(&blobs_dir.join(&name))? else {
+                    continue;
+                };
+                if !old_enough(file_mtime, now) {
+                    seen.recent.push((name.clone(), len));
                 }
-                self.blob_syncs.fetch_add(1, Ordering::Relaxed);
                 added = true;
             }
             present.insert(name);
@@ -729,11 +784,7 @@ impl DiskSync {
             std::fs::File::open(blobs_dir)?.sync_all()?;
         }
         seen.synced = present;
-        seen.listed_at_mtime = mtime.filter(|m| {
-            listing_started
-                .duration_since(*m)
-                .is_ok_and(|age| age >= MTIME_TRUST_AFTER)
-        });
+        seen.listed_at_mtime = mtime.filter(|m| old_enough(Some(*m), now));
         Ok(())
     }
 }
@@ -1103,8 +1154,6 @@ impl Wal {
         self.inner.durable_horizon.load(Ordering::Acquire)
     }
 
-    /// Bumped by every in-process reopen. A reader that remembers what it read must read the WAL
-    /// again from the start when this changes: removals that were lost make records pending again.
     /// The `fdatasync`s made by [`Wal::flush`] on top of sled's flush, since open.
     pub fn disk_syncs(&self) -> DiskSyncs {
         DiskSyncs {
@@ -1113,6 +1162,8 @@ impl Wal {
         }
     }
 
+    /// Bumped by every in-process reopen. A reader that remembers what it read must read the WAL
+    /// again from the start when this changes: removals that were lost make records pending again.
     pub fn generation(&self) -> u64 {
         self.inner.generation.load(Ordering::Acquire)
     }
@@ -1316,6 +1367,8 @@ impl Wal {
             .pending_messages
             .store(recovered.messages, Ordering::Relaxed);
         let generation = self.inner.generation.load(Ordering::Acquire) + 1;
+        // sled's recovery deletes blobs past its stable point and may reuse their names.
+        self.inner.disk_sync.forget();
         *self
             .inner
             .handle
@@ -1461,6 +1514,32 @@ mod tests {
         big("b2");
         wal.flush().unwrap();
         assert!(wal.disk_syncs().blobs > second.blobs);
+    }
+
+    /// A blob sled was still writing when a flush listed it is synced again once it has grown.
+    #[test]
+    fn a_blob_that_grows_after_its_sync_is_synced_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), 1 << 20, 100).unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let path = blobs.join("999999999");
+        std::fs::write(&path, b"half").unwrap();
+        wal.flush().unwrap();
+        let first = wal.disk_syncs().blobs;
+        assert!(first >= 1);
+        // Unchanged: not synced again.
+        wal.flush().unwrap();
+        assert_eq!(wal.disk_syncs().blobs, first);
+        // Grown (sled finished writing it): synced again.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b" and the rest").unwrap();
+        drop(f);
+        wal.flush().unwrap();
+        assert_eq!(wal.disk_syncs().blobs, first + 1);
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub async fn get_json(url: &str) -> Value {
     serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{url}: {e}: {body:?}"))
 }
 
+/// The body of a `GET`, as text.
+pub async fn get_text(url: &str) -> String {
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
 pub async fn post(url: &str) -> reqwest::StatusCode {
     http().post(url).send().await.unwrap().status()
 }
@@ -104,14 +109,7 @@ impl TestAnalyzer {
     }
 
     pub async fn audit(&self) -> Vec<MessageId> {
-        let body = http()
-            .get(format!("{}/audit", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = get_text(&format!("{}/audit", self.url)).await;
         body.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())

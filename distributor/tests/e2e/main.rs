@@ -358,14 +358,7 @@ async fn a_packet_an_analyzer_refuses_stays_in_the_wal_without_dragging_its_batc
 
 /// `GET /metrics` text as `"name{labels}" -> value`.
 async fn scrape(base: &str) -> (String, std::collections::HashMap<String, f64>) {
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = get_text(&format!("{base}/metrics")).await;
     let values = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
