@@ -207,7 +207,6 @@ async fn accept_packet(
     match &result {
         Ok(_) => state.shared.ack_latency.observe(started.elapsed()),
         Err(e) => {
-            state.shared.rejected_requests.fetch_add(1, Relaxed);
             if let Some(i) = REJECT_REASONS.iter().position(|r| *r == e.reason()) {
                 state.shared.rejected_by_reason[i].fetch_add(1, Relaxed);
             }
@@ -306,7 +305,7 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
             "messages": s.accepted_messages.load(Relaxed),
         },
         "duplicate_packets": s.duplicate_packets.load(Relaxed),
-        "rejected_requests": s.rejected_requests.load(Relaxed),
+        "rejected_requests": s.rejected_requests(),
         "acknowledged": {
             "total": s.acknowledged_messages(),
             "by_analyzer": by_analyzer,

@@ -52,8 +52,7 @@ pub struct Shared {
     pub accepted_packets: AtomicU64,
     pub accepted_messages: AtomicU64,
     pub duplicate_packets: AtomicU64,
-    pub rejected_requests: AtomicU64,
-    /// `rejected_requests` by reason, indexed like [`REJECT_REASONS`].
+    /// Refused `POST /logs` requests by reason, indexed like [`REJECT_REASONS`].
     pub rejected_by_reason: [AtomicU64; REJECT_REASONS.len()],
     /// From a `POST /logs` request's start to its 2xx (202, or 200 for a duplicate).
     pub ack_latency: Histogram,
@@ -90,7 +89,6 @@ impl Shared {
             accepted_packets: AtomicU64::new(0),
             accepted_messages: AtomicU64::new(0),
             duplicate_packets: AtomicU64::new(0),
-            rejected_requests: AtomicU64::new(0),
             rejected_by_reason: Default::default(),
             ack_latency: Histogram::latency(),
             redelivered_messages: AtomicU64::new(0),
@@ -104,6 +102,14 @@ impl Shared {
         self.analyzers
             .iter()
             .map(|a| a.in_flight_messages.load(Relaxed))
+            .sum()
+    }
+
+    /// Refused `POST /logs` requests, all reasons.
+    pub fn rejected_requests(&self) -> u64 {
+        self.rejected_by_reason
+            .iter()
+            .map(|n| n.load(Relaxed))
             .sum()
     }
 
