@@ -9,10 +9,12 @@
 //! Modules: `server` (the HTTP API and the order of the steps of `POST /analyze`), `state`
 //! (de-duplication and statistics, no I/O), `audit_log` (the optional file that lets a killed
 //! analyzer remember what it processed) and `faults` (latency and errors injected on purpose
-//! through `/faults`, for fault-injection tests).
+//! through `/faults`, for fault-injection tests) and `registration` (registering with a distributor
+//! at start and deregistering on a graceful stop, when `register_url` is set).
 
 mod audit_log;
 mod faults;
+mod registration;
 mod server;
 mod state;
 #[cfg(test)]

@@ -6,7 +6,6 @@ use clap::Parser;
 use logdist_config::{AnalyzerSettings, CommonFlags};
 use serde::Serialize;
 use std::path::PathBuf;
-use tracing_subscriber::EnvFilter;
 
 /// Receives batches of log messages, processes each message once per identity and keeps bounded
 /// statistics. Settings are layered: defaults, then the TOML file, then `ANALYZER_*` environment
@@ -41,6 +40,19 @@ struct Args {
     /// kill, not a power loss. Never compacted. Created if missing.
     #[arg(long, value_name = "FILE")]
     audit_log: Option<PathBuf>,
+    /// Register with the distributor at this base URL at start (`PUT /admin/analyzers/{id}`,
+    /// retried until it answers) and deregister on SIGTERM/Ctrl-C (`DELETE`, which waits for the
+    /// distributor to drain what it sent here) (overrides `register_url`).
+    #[arg(long, value_name = "URL")]
+    register_url: Option<String>,
+    /// The URL the distributor should reach this analyzer at [default: http://<bound address>]
+    /// (overrides `advertise_url`).
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
+    /// Weight to register with [default: keep the distributor's, 1.0 for a new analyzer]
+    /// (overrides `register_weight`).
+    #[arg(long, value_name = "W")]
+    register_weight: Option<f64>,
     /// Health check only: GET this URL, exit 0 on a 2xx, 1 otherwise (for container health
     /// checks; the images carry no curl).
     #[arg(long, value_name = "URL")]
@@ -54,6 +66,12 @@ struct Flags {
     id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     audit_log: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    register_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    advertise_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    register_weight: Option<f64>,
     #[serde(flatten)]
     common: CommonFlags,
 }
@@ -65,13 +83,8 @@ async fn main() -> anyhow::Result<()> {
         let ok = logdist_proto::probe::http_get_ok(url, std::time::Duration::from_secs(2));
         std::process::exit(if ok { 0 } else { 1 });
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        // stdout carries exactly one line, `listening on <addr>`, for whoever started us.
-        .with_writer(std::io::stderr)
-        .init();
+    // stdout carries exactly one line, `listening on <addr>`, for whoever started us.
+    logdist_config::init_logging();
 
     let file = args
         .config
@@ -79,6 +92,9 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags {
         id: args.id,
         audit_log: args.audit_log,
+        register_url: args.register_url,
+        advertise_url: args.advertise_url,
+        register_weight: args.register_weight,
         common: CommonFlags {
             host: args.host,
             port: args.port,

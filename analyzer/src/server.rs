@@ -201,10 +201,21 @@ pub async fn run(
     .run();
     tracing::info!("analyzer {} listening on {addr}", settings.id);
 
+    let registration = crate::registration::Registration::from_settings(&settings, addr)?;
+    let registering = registration
+        .clone()
+        .map(|r| tokio::spawn(async move { r.register().await }));
     let handle = server.handle();
     let stopper = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("analyzer stopping");
+        if let Some(r) = registration {
+            if let Some(task) = registering {
+                task.abort();
+            }
+            // Still serving: what the distributor has in flight to us is answered meanwhile.
+            r.deregister().await;
+        }
         handle.stop(true).await;
     });
     let served = server.await;

@@ -58,6 +58,24 @@ where
     Ok(settings)
 }
 
+/// Log to stderr, the same way in every service: `RUST_LOG` filters (default `info`) and
+/// `LOG_FORMAT=json` writes one JSON object per line (timestamp, level, target, message and every
+/// structured field, e.g. `analyzer`, `from`, `to` on a breaker transition) for log shippers;
+/// anything else, or nothing, writes human-readable lines. stdout stays free for the one line a
+/// service prints for whoever started it (`listening on ...`) and for CLI results.
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 /// Longest `emitter_id` / `packet_id` any service accepts, in bytes.
 pub const MAX_ID_BYTES: usize = 128;
 /// Largest packet body (and analyzer batch) the distributor may be configured to take.
@@ -86,10 +104,12 @@ pub struct AnalyzerEntry {
     pub retry_count: u32,
 }
 
-fn default_timeout_ms() -> u64 {
+/// `timeout_ms` of an analyzer entry that does not set it.
+pub fn default_timeout_ms() -> u64 {
     2000
 }
-fn default_retry_count() -> u32 {
+/// `retry_count` of an analyzer entry that does not set it.
+pub fn default_retry_count() -> u32 {
     2
 }
 
@@ -172,8 +192,6 @@ pub struct DispatchSettings {
     pub redelivery_interval_ms: u64,
     /// Period of the active `GET /health` probe of every analyzer.
     pub health_interval_ms: u64,
-    /// Consecutive failed sends after which an analyzer is marked unhealthy.
-    pub unhealthy_after_failures: u32,
     /// First retry delay; it doubles on every retry up to `backoff_max_ms`.
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
@@ -189,9 +207,32 @@ impl Default for DispatchSettings {
             window_max_bytes: 64 * 1024 * 1024,
             redelivery_interval_ms: 2000,
             health_interval_ms: 1000,
-            unhealthy_after_failures: 3,
             backoff_initial_ms: 50,
             backoff_max_ms: 1000,
+        }
+    }
+}
+
+/// The circuit breaker kept per analyzer (see the distributor's `breaker` module).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Consecutive failed batches (each after its retries) that open the breaker: the analyzer
+    /// then gets no traffic. A failed health probe opens it at once.
+    pub failure_threshold: u32,
+    /// How long an open breaker stays open before it lets trial traffic through (half-open).
+    pub recovery_timeout_ms: u64,
+    /// Successes (batches acknowledged or health probes answered) needed in half-open to close
+    /// the breaker again; one failure there opens it for another `recovery_timeout_ms`.
+    pub half_open_successes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            recovery_timeout_ms: 2000,
+            half_open_successes: 2,
         }
     }
 }
@@ -207,6 +248,9 @@ pub struct DistributorSettings {
     pub wal: WalSettings,
     pub limits: LimitSettings,
     pub dispatch: DispatchSettings,
+    pub breaker: BreakerSettings,
+    /// The initial analyzers. Once the admin API changed the set (it is then stored in the WAL's
+    /// directory), the stored set is used at start instead; `--reset-analyzers` goes back to this.
     pub analyzers: Vec<AnalyzerEntry>,
 }
 
@@ -226,6 +270,7 @@ impl Default for DistributorSettings {
             wal: WalSettings::default(),
             limits: LimitSettings::default(),
             dispatch: DispatchSettings::default(),
+            breaker: BreakerSettings::default(),
             analyzers: vec![analyzer(1, 0.5), analyzer(2, 0.3), analyzer(3, 0.2)],
         }
     }
@@ -236,27 +281,17 @@ impl Validate for DistributorSettings {
         if self.analyzers.is_empty() {
             return invalid("`analyzers` must list at least one analyzer");
         }
-        if self.analyzers.len() > 64 {
-            return invalid("`analyzers` lists more than 64 analyzers");
+        if self.analyzers.len() > MAX_ANALYZERS {
+            return invalid(format!(
+                "`analyzers` lists more than {MAX_ANALYZERS} analyzers"
+            ));
         }
         let mut ids = HashSet::new();
         for (i, a) in self.analyzers.iter().enumerate() {
-            if a.id.trim().is_empty() {
-                return invalid(format!("`analyzers[{i}].id` must not be empty"));
-            }
+            check_analyzer(a)
+                .or_else(|(field, e)| invalid(format!("`analyzers[{i}].{field}` {e}")))?;
             if !ids.insert(a.id.as_str()) {
                 return invalid(format!("`analyzers[{i}].id`: duplicate id {:?}", a.id));
-            }
-            if !a.weight.is_finite() || a.weight < 0.0 {
-                return invalid(format!(
-                    "`analyzers[{i}].weight` of {:?} must be a finite number >= 0, got {}",
-                    a.id, a.weight
-                ));
-            }
-            check_endpoint(&a.endpoint)
-                .or_else(|e| invalid(format!("`analyzers[{i}].endpoint` of {:?}: {e}", a.id)))?;
-            if a.timeout_ms == 0 {
-                return invalid(format!("`analyzers[{i}].timeout_ms` must be > 0"));
             }
         }
         if !self.analyzers.iter().any(|a| a.weight > 0.0) {
@@ -275,8 +310,16 @@ impl Validate for DistributorSettings {
             ("dispatch.redelivery_interval_ms", d.redelivery_interval_ms),
             ("dispatch.health_interval_ms", d.health_interval_ms),
             (
-                "dispatch.unhealthy_after_failures",
-                u64::from(d.unhealthy_after_failures),
+                "breaker.failure_threshold",
+                u64::from(self.breaker.failure_threshold),
+            ),
+            (
+                "breaker.recovery_timeout_ms",
+                self.breaker.recovery_timeout_ms,
+            ),
+            (
+                "breaker.half_open_successes",
+                u64::from(self.breaker.half_open_successes),
             ),
             ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
             (
@@ -327,6 +370,40 @@ impl Validate for DistributorSettings {
     }
 }
 
+/// Most analyzers one distributor delivers to.
+pub const MAX_ANALYZERS: usize = 64;
+
+/// Check one analyzer's fields. The error names the field (`id`, `weight`, `endpoint`,
+/// `timeout_ms`) and says what is wrong with it. Used for the config file and the admin API alike.
+pub fn check_analyzer(a: &AnalyzerEntry) -> Result<(), (&'static str, String)> {
+    if a.id.trim().is_empty() {
+        return Err(("id", "must not be empty".into()));
+    }
+    if a.id.len() > MAX_ID_BYTES || a.id.contains(|c: char| c == '/' || c.is_control()) {
+        return Err((
+            "id",
+            format!(
+                "{:?} must be at most {MAX_ID_BYTES} bytes, without '/' or control characters",
+                a.id
+            ),
+        ));
+    }
+    if !a.weight.is_finite() || a.weight < 0.0 {
+        return Err((
+            "weight",
+            format!(
+                "of {:?} must be a finite number >= 0, got {}",
+                a.id, a.weight
+            ),
+        ));
+    }
+    check_endpoint(&a.endpoint).map_err(|e| ("endpoint", format!("of {:?}: {e}", a.id)))?;
+    if a.timeout_ms == 0 {
+        return Err(("timeout_ms", format!("of {:?} must be > 0", a.id)));
+    }
+    Ok(())
+}
+
 /// Accepts `http://host[:port][/path]` and `https://...`, with a non-empty host and a numeric port.
 fn check_endpoint(endpoint: &str) -> Result<(), String> {
     let rest = endpoint
@@ -364,6 +441,16 @@ pub struct AnalyzerSettings {
     /// keeps that knowledge in memory only. Written without fsync: it survives a process kill, not
     /// a power loss. Grows by one line per packet and is never compacted.
     pub audit_log: Option<PathBuf>,
+    /// Base URL of a distributor to register with at start (`PUT /admin/analyzers/{id}`, retried
+    /// until it answers) and to deregister from on a graceful stop (`DELETE`, which waits for the
+    /// distributor to drain what it had sent here). `None`: the distributor's config lists it.
+    pub register_url: Option<String>,
+    /// The base URL the distributor should use to reach this analyzer. Default
+    /// `http://{host}:{port}` (required when `host` is a wildcard such as 0.0.0.0).
+    pub advertise_url: Option<String>,
+    /// Weight to register with. `None` keeps the weight the distributor already has for this id
+    /// (1.0 for a new one), so a restart does not undo a weight changed at runtime.
+    pub register_weight: Option<f64>,
 }
 
 impl Default for AnalyzerSettings {
@@ -374,6 +461,9 @@ impl Default for AnalyzerSettings {
             port: 8082,
             dedup_capacity_packets: 1_000_000,
             audit_log: None,
+            register_url: None,
+            advertise_url: None,
+            register_weight: None,
         }
     }
 }
@@ -392,6 +482,29 @@ impl Validate for AnalyzerSettings {
             .is_some_and(|p| p.as_os_str().is_empty())
         {
             return invalid("`audit_log` must not be empty (leave it out to keep no audit log)");
+        }
+        if let Some(url) = &self.register_url {
+            check_endpoint(url).or_else(|e| invalid(format!("`register_url`: {e}")))?;
+            match &self.advertise_url {
+                Some(a) => {
+                    check_endpoint(a).or_else(|e| invalid(format!("`advertise_url`: {e}")))?
+                }
+                None if matches!(self.host.as_str(), "0.0.0.0" | "::" | "[::]") => {
+                    return invalid(format!(
+                        "`advertise_url` must be set with `register_url` when `host` is {:?}: \
+                         the distributor cannot reach a wildcard address",
+                        self.host
+                    ))
+                }
+                None => {}
+            }
+        }
+        if let Some(w) = self.register_weight {
+            if !w.is_finite() || w < 0.0 {
+                return invalid(format!(
+                    "`register_weight` must be a finite number >= 0, got {w}"
+                ));
+            }
         }
         Ok(())
     }

@@ -20,8 +20,17 @@
 //! * A record leaves the WAL only after an analyzer answered 2xx for its batch (invariant 2).
 //! * Nothing is dropped for being hard to deliver: a failed record waits for the redelivery worker,
 //!   which tries the healthy analyzers it has not tried yet, then starts over (invariant 5).
-//! * An analyzer that is unhealthy gets no new traffic; the records queued for it go back to be
-//!   assigned to the others at once, so nothing waits on a down analyzer while another is healthy.
+//! * An analyzer whose circuit breaker is open (see `breaker`), that an operator disabled, or that
+//!   is being removed gets no new traffic; the records queued for it go back to be assigned to the
+//!   others at once, so nothing waits on a down analyzer while another is healthy. A half-open one
+//!   gets one record at a time until its breaker closes.
+//! * When an analyzer comes back (its breaker closes, it is enabled again) its weighted share
+//!   resumes from then: its selector credit starts from zero, so it is not flooded to catch up.
+//! * The analyzer set follows the registry (`registry`), applied by [`Command::Apply`]: a new
+//!   analyzer gets a slot, a changed weight takes effect at the next pick, and a removed one
+//!   drains: nothing new is assigned to it, its queue goes to the others, and its slot is freed
+//!   once its batches in flight have ended (delivered ones removed from the WAL, failed ones
+//!   awaiting redelivery elsewhere). Nothing it held is lost.
 //! * At most `window_records` records are in memory; the rest of the backlog stays on disk
 //!   (invariant 6).
 //! * When the WAL was reopened after a storage failure (its generation changed), removals that did
@@ -32,19 +41,22 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix_web::web::Bytes;
+use logdist_config::MAX_ANALYZERS;
 use logdist_proto::BatchWriter;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
+use crate::breaker::{Breaker, BreakerConfig, State as BreakerState, Transition};
 use crate::commit::GroupCommit;
 use crate::delivery::{self, Backoff, Endpoint, SendFailure};
+use crate::registry::{AnalyzerSpec, Registry};
 use crate::selector::{slot_bit, Selector, SlotSet};
-use crate::stats::Shared;
+use crate::stats::{now_ms, AnalyzerView, Shared};
 use crate::wal::{StoredRecord, Wal, WalError};
 
-/// Tunables of the dispatcher (from `DispatchSettings`).
+/// Tunables of the dispatcher (from `DispatchSettings` and `BreakerSettings`).
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
     pub batch_max_messages: usize,
@@ -53,7 +65,7 @@ pub struct DispatchConfig {
     pub max_in_flight_batches: usize,
     pub window_records: usize,
     pub redelivery_interval: Duration,
-    pub unhealthy_after_failures: u32,
+    pub breaker: BreakerConfig,
     pub backoff: Backoff,
 }
 
@@ -75,13 +87,31 @@ struct Pending {
     solo: bool,
 }
 
+/// One registered analyzer, as the dispatcher drives it.
 struct Slot {
+    view: Arc<AnalyzerView>,
+    spec: AnalyzerSpec,
     endpoint: Arc<Endpoint>,
-    healthy: bool,
-    weight_positive: bool,
-    consecutive_failures: u32,
+    breaker: Breaker,
+    /// Removed from the registry: no new traffic; freed once nothing is in flight.
+    draining: bool,
     in_flight_batches: usize,
     queue: VecDeque<u64>,
+}
+
+impl Slot {
+    /// May be given new records: enabled, weighted, not draining, breaker not open.
+    fn assignable(&self) -> bool {
+        self.spec.enabled
+            && self.spec.weight > 0.0
+            && !self.draining
+            && self.breaker.allows_traffic()
+    }
+
+    /// Half-open: a trickle, one record at a time, until the breaker closes.
+    fn trickle_only(&self) -> bool {
+        matches!(self.breaker.state(), BreakerState::HalfOpen { .. })
+    }
 }
 
 struct Outcome {
@@ -90,8 +120,18 @@ struct Outcome {
     result: Result<(), SendFailure>,
 }
 
-/// Health reports from the active prober.
-pub type HealthReport = (usize, bool);
+/// A health probe's answer: the analyzer's id, and whether it answered 2xx.
+pub type HealthReport = (String, bool);
+
+/// What the admin API asks of the dispatcher.
+pub enum Command {
+    /// Make the analyzers those of `registry` (already validated and stored); `done` is answered
+    /// once the change is in effect (a removal is then draining; its view goes when it is done).
+    Apply {
+        registry: Registry,
+        done: oneshot::Sender<()>,
+    },
+}
 
 pub struct Dispatcher {
     wal: Wal,
@@ -99,7 +139,10 @@ pub struct Dispatcher {
     shared: Arc<Shared>,
     cfg: DispatchConfig,
     http: reqwest::Client,
-    slots: Vec<Slot>,
+    /// Indexed by slot; `None` is a free slot. At most `MAX_ANALYZERS`.
+    slots: Vec<Option<Slot>>,
+    /// The registry being applied, in its order.
+    registry: Registry,
     selector: Selector,
     window: BTreeMap<u64, Pending>,
     unassigned: VecDeque<u64>,
@@ -120,34 +163,22 @@ impl Dispatcher {
         wal: Wal,
         commit: GroupCommit,
         shared: Arc<Shared>,
-        endpoints: Vec<Arc<Endpoint>>,
+        registry: Registry,
         cfg: DispatchConfig,
         http: reqwest::Client,
     ) -> Self {
-        let weights: Vec<f64> = shared.analyzers.iter().map(|a| a.weight).collect();
-        let slots = endpoints
-            .into_iter()
-            .zip(&weights)
-            .map(|(endpoint, w)| Slot {
-                endpoint,
-                healthy: true,
-                weight_positive: *w > 0.0,
-                consecutive_failures: 0,
-                in_flight_batches: 0,
-                queue: VecDeque::new(),
-            })
-            .collect();
         let (outcomes_tx, outcomes_rx) = mpsc::unbounded_channel();
         let seen_generation = wal.generation();
-        Self {
+        let mut dispatcher = Self {
             seen_generation,
             wal,
             commit,
             shared,
             cfg,
             http,
-            slots,
-            selector: Selector::new(weights),
+            slots: Vec::new(),
+            registry: registry.clone(),
+            selector: Selector::new(Vec::new()),
             window: BTreeMap::new(),
             unassigned: VecDeque::new(),
             next_scan: 0,
@@ -156,7 +187,9 @@ impl Dispatcher {
             outcomes_tx,
             outcomes_rx,
             in_flight_batches: 0,
-        }
+        };
+        dispatcher.apply_registry(registry);
+        dispatcher
     }
 
     /// Run until `stop` turns true, then wait for the batches in flight (each ends within its
@@ -165,6 +198,7 @@ impl Dispatcher {
         mut self,
         new_records: Arc<Notify>,
         mut health: mpsc::Receiver<HealthReport>,
+        mut commands: mpsc::Receiver<Command>,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut redelivery = tokio::time::interval(self.cfg.redelivery_interval);
@@ -175,11 +209,26 @@ impl Dispatcher {
             self.assign_unassigned();
             self.launch_batches();
             self.publish();
+            // The next breaker to go from open to half-open (or an hour from now: never mind).
+            let breaker_due = self
+                .slots
+                .iter()
+                .flatten()
+                .filter_map(|s| s.breaker.deadline())
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = new_records.notified() => {}
                 Some(outcome) = self.outcomes_rx.recv() => self.apply_outcome(outcome),
-                Some((slot, up)) = health.recv() => self.set_health(slot, up),
+                Some((id, up)) = health.recv() => self.health_report(&id, up),
+                Some(command) = commands.recv() => match command {
+                    Command::Apply { registry, done } => {
+                        self.apply_registry(registry);
+                        let _ = done.send(());
+                    }
+                },
+                _ = tokio::time::sleep_until(breaker_due.into()) => self.poll_breakers(),
                 _ = redelivery.tick() => self.redeliver(),
             }
         }
@@ -203,11 +252,23 @@ impl Dispatcher {
         self.publish();
     }
 
+    fn slot(&self, slot: usize) -> Option<&Slot> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    fn slot_mut(&mut self, slot: usize) -> Option<&mut Slot> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
     fn usable(&self) -> SlotSet {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.healthy && s.weight_positive)
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| {
+                s.assignable()
+                    && !(s.trickle_only() && (s.in_flight_batches > 0 || !s.queue.is_empty()))
+            })
             .fold(0, |set, (i, _)| set | slot_bit(i))
     }
 
@@ -276,7 +337,7 @@ impl Dispatcher {
         }
         let slot = self.selector.pick(eligible, pending.record.count)?;
         pending.state = State::Queued(slot);
-        self.slots[slot].queue.push_back(seq);
+        self.slots[slot].as_mut()?.queue.push_back(seq);
         Some(slot)
     }
 
@@ -341,22 +402,31 @@ impl Dispatcher {
 
     fn launch_batches(&mut self) {
         for slot in 0..self.slots.len() {
-            while self.slots[slot].healthy
-                && self.slots[slot].in_flight_batches < self.cfg.max_in_flight_batches
-                && !self.slots[slot].queue.is_empty()
-            {
+            while let Some(s) = self.slot(slot) {
+                let limit = if s.trickle_only() {
+                    1
+                } else {
+                    self.cfg.max_in_flight_batches
+                };
+                let may_send = s.spec.enabled && !s.draining && s.breaker.allows_traffic();
+                if !may_send || s.in_flight_batches >= limit || s.queue.is_empty() {
+                    break;
+                }
                 self.launch_one(slot);
             }
         }
     }
 
     fn launch_one(&mut self, slot: usize) {
+        let Some(s) = self.slots[slot].as_mut() else {
+            return;
+        };
         let mut seqs = Vec::new();
         let mut messages = 0usize;
         let mut bytes = 0usize;
-        while let Some(&seq) = self.slots[slot].queue.front() {
+        while let Some(&seq) = s.queue.front() {
             let Some(p) = self.window.get(&seq) else {
-                self.slots[slot].queue.pop_front();
+                s.queue.pop_front();
                 continue;
             };
             let count = p.record.count as usize;
@@ -365,11 +435,11 @@ impl Dispatcher {
             if !seqs.is_empty() && (full || p.solo) {
                 break;
             }
-            self.slots[slot].queue.pop_front();
+            s.queue.pop_front();
             messages += count;
             bytes += p.record.size();
             seqs.push(seq);
-            if p.solo {
+            if p.solo || s.trickle_only() {
                 break;
             }
         }
@@ -388,21 +458,20 @@ impl Dispatcher {
             }
         }
         let body = Bytes::from(body.finish());
-        self.slots[slot].in_flight_batches += 1;
+        s.in_flight_batches += 1;
         self.in_flight_batches += 1;
-        self.shared.analyzers[slot]
+        s.view
             .in_flight_messages
             .fetch_add(messages as u64, Relaxed);
-        let (http, endpoint, tx, backoff, shared) = (
+        let (http, endpoint, tx, backoff, view) = (
             self.http.clone(),
-            self.slots[slot].endpoint.clone(),
+            s.endpoint.clone(),
             self.outcomes_tx.clone(),
             self.cfg.backoff,
-            self.shared.clone(),
+            s.view.clone(),
         );
         tokio::spawn(async move {
-            let view = &shared.analyzers[slot];
-            let result = delivery::send_batch(&http, &endpoint, body, backoff, view).await;
+            let result = delivery::send_batch(&http, &endpoint, body, backoff, &view).await;
             // The receiver lives as long as the dispatcher, which waits for every batch.
             let _ = tx.send(Outcome { slot, seqs, result });
         });
@@ -410,9 +479,13 @@ impl Dispatcher {
 
     fn apply_outcome(&mut self, outcome: Outcome) {
         let Outcome { slot, seqs, result } = outcome;
-        self.slots[slot].in_flight_batches -= 1;
         self.in_flight_batches -= 1;
-        let view = &self.shared.analyzers[slot];
+        // A slot is freed only once nothing is in flight to it, so it is still here.
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        s.in_flight_batches -= 1;
+        let view = s.view.clone();
         let (messages, seqs_bytes) = seqs
             .iter()
             .filter_map(|s| self.window.get(s))
@@ -420,6 +493,7 @@ impl Dispatcher {
                 (m + u64::from(p.record.count), b + p.record.size())
             });
         view.in_flight_messages.fetch_sub(messages, Relaxed);
+        let now = Instant::now();
         match result {
             Ok(()) => {
                 let delivered: Vec<(u64, u32)> = seqs
@@ -429,8 +503,8 @@ impl Dispatcher {
                     .collect();
                 self.window_bytes -= seqs_bytes;
                 view.acknowledged_messages.fetch_add(messages, Relaxed);
-                view.consecutive_failures.store(0, Relaxed);
-                self.slots[slot].consecutive_failures = 0;
+                let transition = s.breaker.on_success(now);
+                self.breaker_changed(slot, transition);
                 self.remove_delivered(delivered);
             }
             Err(SendFailure::Rejected { status, error }) if seqs.len() > 1 => {
@@ -470,46 +544,252 @@ impl Dispatcher {
                     }
                 }
                 view.failed_batches.fetch_add(1, Relaxed);
-                let s = &mut self.slots[slot];
-                s.consecutive_failures += 1;
-                view.consecutive_failures
-                    .store(s.consecutive_failures, Relaxed);
                 tracing::warn!(
                     analyzer = %view.id, error = %failure, records = seqs.len(), messages,
                     "batch failed after its retries; it waits for redelivery"
                 );
-                if s.consecutive_failures >= self.cfg.unhealthy_after_failures {
-                    self.set_health(slot, false);
-                }
+                let transition = s.breaker.on_failure(now);
+                self.breaker_changed(slot, transition);
+            }
+        }
+        self.free_if_drained(slot);
+    }
+
+    /// An active probe's answer. A success counts towards closing a half-open breaker; a failure
+    /// opens a closed or half-open one at once.
+    fn health_report(&mut self, id: &str, up: bool) {
+        let now = Instant::now();
+        // By id: the set may have changed while the probe ran.
+        let Some(slot) = self
+            .slots
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.view.id == id && !s.draining))
+        else {
+            return;
+        };
+        let Some(s) = self.slot_mut(slot) else {
+            return;
+        };
+        let transition = if up {
+            s.breaker.on_success(now)
+        } else {
+            s.breaker.on_probe_failure(now)
+        };
+        self.breaker_changed(slot, transition);
+    }
+
+    /// Open breakers whose recovery timeout has elapsed go half-open.
+    fn poll_breakers(&mut self) {
+        let now = Instant::now();
+        for slot in 0..self.slots.len() {
+            if let Some(s) = self.slot_mut(slot) {
+                let transition = s.breaker.poll(now);
+                self.breaker_changed(slot, transition);
             }
         }
     }
 
-    fn set_health(&mut self, slot: usize, up: bool) {
-        let s = &mut self.slots[slot];
-        if s.healthy == up {
+    /// Mirror a breaker's state into its view, and act on a transition: log it; on open, hand
+    /// what was queued for the analyzer to the others; on half-open or closed, start its share
+    /// from now.
+    fn breaker_changed(&mut self, slot: usize, transition: Option<Transition>) {
+        let Some(s) = self.slot_mut(slot) else {
+            return;
+        };
+        let (state, failures) = (s.breaker.state(), s.breaker.consecutive_failures());
+        s.view.consecutive_failures.store(failures, Relaxed);
+        let Some(Transition { from, to }) = transition else {
+            return;
+        };
+        s.view.breaker.store(state.code(), Relaxed);
+        let half_open_at = s
+            .breaker
+            .next_probe_in(Instant::now())
+            .map_or(0, |d| now_ms() + d.as_millis() as u64);
+        s.view.half_open_at_ms.store(half_open_at, Relaxed);
+        let id = s.view.id.clone();
+        match to {
+            BreakerState::Open { .. } => {
+                let requeued = self.requeue(slot);
+                tracing::warn!(
+                    analyzer = %id, from, to = to.name(), consecutive_failures = failures,
+                    retry_in_ms = self.cfg.breaker.recovery_timeout.as_millis() as u64, requeued,
+                    "circuit breaker opened: no traffic to this analyzer; its queue goes to the others"
+                );
+            }
+            BreakerState::HalfOpen { .. } => {
+                self.selector.reset(slot);
+                tracing::info!(analyzer = %id, from, to = to.name(), "circuit breaker half-open: trying one record at a time");
+            }
+            BreakerState::Closed => {
+                self.selector.reset(slot);
+                tracing::info!(analyzer = %id, from, to = to.name(), "circuit breaker closed: the analyzer's share resumes from now");
+            }
+        }
+    }
+
+    /// Give what is queued for `slot` back to be assigned to the others (not marked tried: it
+    /// never reached this analyzer). Returns how many records moved.
+    fn requeue(&mut self, slot: usize) -> usize {
+        let Some(s) = self.slot_mut(slot) else {
+            return 0;
+        };
+        let queued: Vec<u64> = s.queue.drain(..).collect();
+        for seq in queued.iter().rev() {
+            if let Some(p) = self.window.get_mut(seq) {
+                p.state = State::Unassigned;
+                self.unassigned.push_front(*seq);
+            }
+        }
+        queued.len()
+    }
+
+    /// Make the slots follow `registry`: new analyzers get a slot, changed ones take their new
+    /// settings, missing ones start draining. Publishes the new list of views.
+    fn apply_registry(&mut self, registry: Registry) {
+        self.registry = registry;
+        let wanted: HashSet<&str> = self
+            .registry
+            .analyzers()
+            .iter()
+            .map(|a| a.id.as_str())
+            .collect();
+        let to_drain: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
+            .filter(|(_, s)| !s.draining && !wanted.contains(s.view.id.as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        for slot in to_drain {
+            if let Some(s) = self.slot_mut(slot) {
+                s.draining = true;
+                s.view.draining.store(true, Relaxed);
+            }
+            let requeued = self.requeue(slot);
+            let id = self
+                .slot(slot)
+                .map(|s| s.view.id.clone())
+                .unwrap_or_default();
+            tracing::info!(analyzer = %id, requeued, "analyzer removed from the registry; draining");
+            self.free_if_drained(slot);
+        }
+        for spec in self.registry.analyzers().to_vec() {
+            let existing = self
+                .slots
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.view.id == spec.id));
+            match existing {
+                Some(slot) => self.update_slot(slot, spec),
+                None => self.add_slot(spec),
+            }
+        }
+        self.publish_views();
+    }
+
+    fn add_slot(&mut self, spec: AnalyzerSpec) {
+        let free = self.slots.iter().position(Option::is_none);
+        let slot = match free {
+            Some(i) => i,
+            None if self.slots.len() < MAX_ANALYZERS => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+            None => {
+                // Every slot is taken, some by analyzers still draining: it is added when one
+                // is freed (`free_if_drained` applies the registry again).
+                tracing::warn!(analyzer = %spec.id, "no free slot while others drain; the analyzer is added once one is freed");
+                return;
+            }
+        };
+        self.selector.set_weight(slot, spec.weight);
+        self.selector.reset(slot);
+        tracing::info!(analyzer = %spec.id, endpoint = %spec.endpoint, weight = spec.weight, enabled = spec.enabled, "analyzer added");
+        self.slots[slot] = Some(Slot {
+            view: Arc::new(AnalyzerView::new(spec.clone())),
+            endpoint: Arc::new(endpoint_of(&spec)),
+            breaker: Breaker::new(self.cfg.breaker),
+            spec,
+            draining: false,
+            in_flight_batches: 0,
+            queue: VecDeque::new(),
+        });
+    }
+
+    fn update_slot(&mut self, slot: usize, spec: AnalyzerSpec) {
+        let Some(s) = self.slot_mut(slot) else {
+            return;
+        };
+        if s.spec == spec && !s.draining {
             return;
         }
-        s.healthy = up;
-        let view = &self.shared.analyzers[slot];
-        view.healthy.store(up, Relaxed);
-        if up {
-            s.consecutive_failures = 0;
-            view.consecutive_failures.store(0, Relaxed);
-            self.selector.reset(slot);
-            tracing::info!(analyzer = %view.id, "analyzer is healthy again; its share resumes from now");
-        } else {
-            // Whatever waited for it goes back to be assigned to the others (not marked tried:
-            // it never reached this analyzer).
-            let queued: Vec<u64> = s.queue.drain(..).collect();
-            for seq in queued.iter().rev() {
-                if let Some(p) = self.window.get_mut(seq) {
-                    p.state = State::Unassigned;
-                    self.unassigned.push_front(*seq);
-                }
-            }
-            tracing::warn!(analyzer = %view.id, requeued = queued.len(), "analyzer marked unhealthy; no new traffic");
+        let old = std::mem::replace(&mut s.spec, spec.clone());
+        let undrained = std::mem::replace(&mut s.draining, false);
+        s.view.draining.store(false, Relaxed);
+        if (&old.endpoint, old.timeout_ms, old.retry_count)
+            != (&spec.endpoint, spec.timeout_ms, spec.retry_count)
+        {
+            // Batches in flight keep the endpoint they were sent with.
+            s.endpoint = Arc::new(endpoint_of(&spec));
         }
+        s.view.set_spec(spec.clone());
+        self.selector.set_weight(slot, spec.weight);
+        if (old.enabled && !spec.enabled) || spec.weight <= 0.0 {
+            self.requeue(slot);
+        }
+        if (!old.enabled && spec.enabled) || undrained {
+            self.selector.reset(slot);
+        }
+        tracing::info!(
+            analyzer = %spec.id, endpoint = %spec.endpoint, weight = spec.weight,
+            previous_weight = old.weight, enabled = spec.enabled,
+            "analyzer settings changed"
+        );
+    }
+
+    /// Free a draining slot once nothing is queued for it or in flight to it.
+    fn free_if_drained(&mut self, slot: usize) {
+        let done = self
+            .slot(slot)
+            .is_some_and(|s| s.draining && s.in_flight_batches == 0 && s.queue.is_empty());
+        if !done {
+            return;
+        }
+        let Some(s) = self.slots[slot].take() else {
+            return;
+        };
+        // A reused slot must not inherit "already tried" marks.
+        for p in self.window.values_mut() {
+            p.tried &= !slot_bit(slot);
+        }
+        self.selector.set_weight(slot, 0.0);
+        self.selector.reset(slot);
+        self.shared
+            .removed_acknowledged_messages
+            .fetch_add(s.view.acknowledged_messages.load(Relaxed), Relaxed);
+        tracing::info!(analyzer = %s.view.id, "analyzer drained and removed");
+        // An analyzer waiting for a free slot gets this one.
+        let registry = self.registry.clone();
+        self.apply_registry(registry);
+    }
+
+    /// Publish the views in registry order, then those draining.
+    fn publish_views(&self) {
+        let mut views = Vec::with_capacity(self.slots.len());
+        for spec in self.registry.analyzers() {
+            if let Some(s) = self.slots.iter().flatten().find(|s| s.view.id == spec.id) {
+                views.push(s.view.clone());
+            }
+        }
+        views.extend(
+            self.slots
+                .iter()
+                .flatten()
+                .filter(|s| s.draining)
+                .map(|s| s.view.clone()),
+        );
+        self.shared.publish_analyzers(views);
     }
 
     /// Refresh the gauges the HTTP handlers report.
@@ -525,8 +805,10 @@ impl Dispatcher {
                 State::InFlight(_) => {}
             }
         }
-        for (view, q) in self.shared.analyzers.iter().zip(queued) {
-            view.queued_messages.store(q, Relaxed);
+        for (s, q) in self.slots.iter().zip(queued) {
+            if let Some(s) = s {
+                s.view.queued_messages.store(q, Relaxed);
+            }
         }
         self.shared
             .awaiting_redelivery_messages
@@ -541,11 +823,19 @@ impl Dispatcher {
     }
 }
 
-/// The active health probe: every `interval`, `GET /health` on every analyzer, reported to the
-/// dispatcher (which alone changes health state).
+fn endpoint_of(spec: &AnalyzerSpec) -> Endpoint {
+    Endpoint::new(
+        &spec.endpoint,
+        Duration::from_millis(spec.timeout_ms),
+        spec.retry_count,
+    )
+}
+
+/// The active health probe: every `interval`, `GET /health` on every registered analyzer,
+/// reported to the dispatcher (which alone changes breaker state).
 pub async fn probe_health(
     http: reqwest::Client,
-    endpoints: Vec<Arc<Endpoint>>,
+    shared: Arc<Shared>,
     interval: Duration,
     reports: mpsc::Sender<HealthReport>,
 ) {
@@ -553,10 +843,16 @@ pub async fn probe_health(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let probes = endpoints.iter().map(|e| delivery::probe(&http, e));
+        let targets: Vec<(String, Endpoint)> = shared
+            .analyzers()
+            .iter()
+            .filter(|v| !v.draining.load(Relaxed))
+            .map(|v| (v.id.clone(), endpoint_of(&v.spec())))
+            .collect();
+        let probes = targets.iter().map(|(_, e)| delivery::probe(&http, e));
         let results = futures_util::future::join_all(probes).await;
-        for (slot, up) in results.into_iter().enumerate() {
-            if reports.send((slot, up)).await.is_err() {
+        for ((id, _), up) in targets.into_iter().zip(results) {
+            if reports.send((id, up)).await.is_err() {
                 return;
             }
         }

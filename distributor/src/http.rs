@@ -269,7 +269,7 @@ async fn queue(state: web::Data<AppState>) -> HttpResponse {
     let s = &state.shared;
     let oldest = s.oldest_accepted_at_ms.load(Relaxed);
     let by_analyzer: serde_json::Map<String, serde_json::Value> = s
-        .analyzers
+        .analyzers()
         .iter()
         .map(|a| {
             (
@@ -295,7 +295,7 @@ async fn queue(state: web::Data<AppState>) -> HttpResponse {
 async fn stats(state: web::Data<AppState>) -> HttpResponse {
     let s = &state.shared;
     let by_analyzer: serde_json::Map<String, serde_json::Value> = s
-        .analyzers
+        .analyzers()
         .iter()
         .map(|a| (a.id.clone(), json!(a.acknowledged_messages.load(Relaxed))))
         .collect();
@@ -324,29 +324,8 @@ async fn stats(state: web::Data<AppState>) -> HttpResponse {
 }
 
 async fn health(state: web::Data<AppState>) -> HttpResponse {
-    let s = &state.shared;
-    let usable_weight: f64 = s
-        .analyzers
-        .iter()
-        .filter(|a| a.healthy.load(Relaxed))
-        .map(|a| a.weight)
-        .sum();
-    let analyzers: Vec<serde_json::Value> = s
-        .analyzers
-        .iter()
-        .map(|a| {
-            let healthy = a.healthy.load(Relaxed);
-            json!({
-                "id": a.id,
-                "endpoint": a.endpoint,
-                "weight": a.weight,
-                "share": if healthy && usable_weight > 0.0 { a.weight / usable_weight } else { 0.0 },
-                "healthy": healthy,
-                "consecutive_failures": a.consecutive_failures.load(Relaxed),
-            })
-        })
-        .collect();
-    let any_healthy = usable_weight > 0.0;
+    let analyzers = crate::admin::analyzers_json(&state.shared);
+    let any_healthy = state.shared.analyzers().iter().any(|a| a.gets_traffic());
     let writable = state.wal.is_writable();
     HttpResponse::Ok().json(json!({
         "status": if any_healthy && writable { "ok" } else { "degraded" },
@@ -399,7 +378,8 @@ async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
         count(&s.redelivered_messages),
     );
     type Per = fn(&crate::stats::AnalyzerView) -> f64;
-    let per_analyzer: [(&str, Kind, &str, Per); 9] = [
+    let views = s.analyzers();
+    let per_analyzer: [(&str, Kind, &str, Per); 10] = [
         (
             "logdist_distributor_messages_acknowledged_total",
             Kind::Counter,
@@ -439,26 +419,47 @@ async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
         (
             "logdist_distributor_analyzer_up",
             Kind::Gauge,
-            "1 while the analyzer gets traffic (healthy), 0 otherwise.",
-            |a| f64::from(u8::from(a.healthy.load(Relaxed))),
+            "1 while the analyzer's circuit breaker lets traffic through (closed or half-open), 0 while it is open.",
+            |a| f64::from(u8::from(a.healthy())),
+        ),
+        (
+            "logdist_distributor_analyzer_enabled",
+            Kind::Gauge,
+            "1 unless switched off with POST /admin/analyzers/{id}/disable.",
+            |a| f64::from(u8::from(a.spec().enabled)),
         ),
         (
             "logdist_distributor_analyzer_consecutive_failures",
             Kind::Gauge,
-            "Failed batches in a row (resets on a success).",
+            "Failed batches and health probes in a row (resets on a success).",
             |a| f64::from(a.consecutive_failures.load(Relaxed)),
         ),
         (
             "logdist_distributor_analyzer_weight",
             Kind::Gauge,
-            "Configured relative weight.",
-            |a| a.weight,
+            "Relative weight now (config file, or as changed by the admin API).",
+            |a| a.weight(),
         ),
     ];
     for (name, kind, help, value) in per_analyzer {
         e.family(name, kind, help);
-        for a in &s.analyzers {
+        for a in views.iter() {
             e.sample(name, &[("analyzer", &a.id)], value(a));
+        }
+    }
+    e.family(
+        "logdist_distributor_breaker_state",
+        Kind::Gauge,
+        "Circuit breaker state per analyzer: 1 for the state it is in, 0 for the others.",
+    );
+    for a in views.iter() {
+        let now = a.breaker_state();
+        for state in crate::breaker::STATE_NAMES {
+            e.sample(
+                "logdist_distributor_breaker_state",
+                &[("analyzer", &a.id), ("state", state)],
+                f64::from(u8::from(state == now)),
+            );
         }
     }
     let oldest = s.oldest_accepted_at_ms.load(Relaxed);
@@ -534,7 +535,7 @@ async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
         Kind::Histogram,
         "Duration of each batch send attempt to an analyzer, answered or not.",
     );
-    for a in &s.analyzers {
+    for a in views.iter() {
         e.histogram(
             "logdist_distributor_send_latency_seconds",
             &[("analyzer", &a.id)],

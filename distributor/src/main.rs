@@ -37,6 +37,11 @@ struct Cli {
     /// no effect on a WAL that opens.
     #[arg(long)]
     recover: bool,
+    /// Use the config file's `analyzers` even if the admin API stored another set in the data
+    /// directory (by default a stored set wins: runtime changes survive restarts). The stored set
+    /// is replaced at the next admin change.
+    #[arg(long)]
+    reset_analyzers: bool,
 }
 
 #[derive(Serialize)]
@@ -78,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             settings,
             distributor::RunOptions {
                 recover_damaged_wal: cli.recover,
+                reset_analyzers: cli.reset_analyzers,
             },
             distributor::telemetry::shutdown_signal(),
         ))

@@ -55,6 +55,16 @@ impl Selector {
         Some(chosen)
     }
 
+    /// Change (or set, for a new slot) a slot's weight. Its credit is kept: a weight change
+    /// shifts the shares from now on, without a burst either way.
+    pub fn set_weight(&mut self, slot: usize, weight: f64) {
+        if slot >= self.weights.len() {
+            self.weights.resize(slot + 1, 0.0);
+            self.credit.resize(slot + 1, 0.0);
+        }
+        self.weights[slot] = weight;
+    }
+
     /// Forget a slot's credit: called when it comes back, so it is not flooded to catch up.
     pub fn reset(&mut self, slot: usize) {
         if let Some(c) = self.credit.get_mut(slot) {
@@ -158,6 +168,18 @@ mod tests {
                 assert!(dev <= 2.0 * 500.0, "slot {slot} off by {dev} messages");
             }
         }
+    }
+
+    #[test]
+    fn a_weight_change_moves_the_shares_from_then_on() {
+        let mut s = Selector::new(vec![0.5, 0.5]);
+        assert_eq!(run(&mut s, ALL, 1000, 1), vec![500, 500]);
+        s.set_weight(0, 0.8);
+        s.set_weight(1, 0.2);
+        assert_eq!(run(&mut s, ALL, 1000, 1), vec![800, 200]);
+        s.set_weight(2, 1.0);
+        let got = run(&mut s, ALL, 2000, 1);
+        assert_eq!(got, vec![800, 200, 1000], "a new slot joins at its share");
     }
 
     #[test]

@@ -30,10 +30,13 @@ use logdist_config::DistributorSettings;
 use logdist_proto::Limits;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::admin::Admin;
+use crate::breaker::BreakerConfig;
 use crate::commit::GroupCommit;
-use crate::delivery::{Backoff, Endpoint};
+use crate::delivery::Backoff;
 use crate::dispatch::{probe_health, DispatchConfig, Dispatcher};
 use crate::http::{routes, AppState};
+use crate::registry::{self, Source};
 use crate::stats::Shared;
 use crate::wal::{OnDamage, Wal, WalError};
 
@@ -44,6 +47,9 @@ pub struct RunOptions {
     /// fails too, move the directory aside (to `<data_dir>.corrupt-<unix-ms>`) and start with an
     /// empty WAL, instead of refusing to start. A moved WAL's pending messages are not delivered.
     pub recover_damaged_wal: bool,
+    /// Start with the config file's analyzers even if the admin API stored another set (which
+    /// is then replaced at the first change).
+    pub reset_analyzers: bool,
 }
 
 /// Serve until `shutdown` resolves, then stop gracefully and return.
@@ -63,25 +69,27 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let wal = open_wal(&settings, options).await?;
+    let (registry, source) = registry::load(&wal, &settings.analyzers, options.reset_analyzers)?;
+    match source {
+        Source::Stored => tracing::info!(
+            analyzers = registry.analyzers().len(),
+            "using the analyzers stored by the admin API (the config file's list is the initial \
+             state only; --reset-analyzers goes back to it)"
+        ),
+        Source::Config => tracing::info!(
+            analyzers = registry.analyzers().len(),
+            reset = options.reset_analyzers,
+            "using the config file's analyzers"
+        ),
+    }
 
-    let shared = Arc::new(Shared::new(&settings.analyzers));
+    let shared = Arc::new(Shared::new());
     let new_records = Arc::new(Notify::new());
     let (commit, commit_task) =
         GroupCommit::start(wal.clone(), settings.wal.fsync, new_records.clone());
 
     let http = crate::delivery::client(settings.dispatch.max_in_flight_batches * 2)
         .context("building the HTTP client")?;
-    let endpoints: Vec<Arc<Endpoint>> = settings
-        .analyzers
-        .iter()
-        .map(|a| {
-            Arc::new(Endpoint::new(
-                &a.endpoint,
-                Duration::from_millis(a.timeout_ms),
-                a.retry_count,
-            ))
-        })
-        .collect();
     let d = &settings.dispatch;
     let cfg = DispatchConfig {
         batch_max_messages: d.batch_max_messages,
@@ -90,7 +98,11 @@ pub async fn run_with(
         max_in_flight_batches: d.max_in_flight_batches,
         window_records: d.window_records,
         redelivery_interval: Duration::from_millis(d.redelivery_interval_ms),
-        unhealthy_after_failures: d.unhealthy_after_failures,
+        breaker: BreakerConfig {
+            failure_threshold: settings.breaker.failure_threshold,
+            recovery_timeout: Duration::from_millis(settings.breaker.recovery_timeout_ms),
+            half_open_successes: settings.breaker.half_open_successes,
+        },
         backoff: Backoff {
             initial: Duration::from_millis(d.backoff_initial_ms),
             max: Duration::from_millis(d.backoff_max_ms),
@@ -99,7 +111,7 @@ pub async fn run_with(
     let (health_tx, health_rx) = mpsc::channel(64);
     let prober = tokio::spawn(probe_health(
         http.clone(),
-        endpoints.clone(),
+        shared.clone(),
         Duration::from_millis(d.health_interval_ms),
         health_tx,
     ));
@@ -110,12 +122,20 @@ pub async fn run_with(
         wal.clone(),
         commit.clone(),
         shared.clone(),
-        endpoints,
+        registry.clone(),
         cfg,
         http,
     );
     dispatcher.prime();
-    let dispatch_task = tokio::spawn(dispatcher.run(new_records, health_rx, stop_rx));
+    let (commands_tx, commands_rx) = mpsc::channel(16);
+    let dispatch_task = tokio::spawn(dispatcher.run(new_records, health_rx, commands_rx, stop_rx));
+    let admin = web::Data::new(Admin::new(
+        wal.clone(),
+        shared.clone(),
+        registry,
+        commands_tx,
+        source,
+    ));
 
     let state = web::Data::new(AppState {
         wal: wal.clone(),
@@ -132,12 +152,18 @@ pub async fn run_with(
         max_pending_messages: settings.wal.max_pending_messages,
     });
     let addr = listener.local_addr()?;
-    let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(routes))
-        .listen(listener)?
-        .disable_signals()
-        .workers(2)
-        .shutdown_timeout(30)
-        .run();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(admin.clone())
+            .configure(crate::admin::routes)
+            .configure(routes)
+    })
+    .listen(listener)?
+    .disable_signals()
+    .workers(2)
+    .shutdown_timeout(30)
+    .run();
     let handle = server.handle();
     let mut server_task = tokio::spawn(server);
     tracing::info!(%addr, "distributor listening");

@@ -2,11 +2,15 @@
 //! HTTP handlers that report them. Plain atomics: readers never wait for the dispatcher, and no lock
 //! exists to be held across an `.await` (invariant 9).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use logdist_config::AnalyzerEntry;
 use logdist_proto::metrics::Histogram;
+use tokio::sync::watch;
+
+use crate::breaker::STATE_NAMES;
+use crate::registry::AnalyzerSpec;
 
 /// Why `POST /logs` refused a request: the `reason` label of
 /// `logdist_distributor_requests_rejected_total` (see `http::ApiError::reason`).
@@ -21,13 +25,21 @@ pub const REJECT_REASONS: [&str; 8] = [
     "storage",
 ];
 
-/// What the distributor knows of one analyzer.
+/// What the distributor knows of one analyzer. The dispatcher writes it; the HTTP handlers read it.
+/// It lives as long as the analyzer is registered (its counters restart if it is registered anew).
 #[derive(Debug)]
 pub struct AnalyzerView {
     pub id: String,
-    pub endpoint: String,
-    pub weight: f64,
-    pub healthy: AtomicBool,
+    /// Its settings (weight, endpoint, ...), replaced by the dispatcher on an admin change. The
+    /// lock is held only to copy or replace the value.
+    spec: RwLock<AnalyzerSpec>,
+    /// Its breaker's state, as `breaker::State::code` (0 closed, 1 open, 2 half-open).
+    pub breaker: AtomicU8,
+    /// While the breaker is open: when it goes half-open, ms since the epoch (0 otherwise).
+    pub half_open_at_ms: AtomicU64,
+    /// Removed from the registry; it leaves once nothing is in flight to it.
+    pub draining: AtomicBool,
+    /// Failed batches and probes since its last success.
     pub consecutive_failures: AtomicU32,
     /// Messages this analyzer answered 2xx for (and that left the WAL).
     pub acknowledged_messages: AtomicU64,
@@ -45,10 +57,73 @@ pub struct AnalyzerView {
     pub send_latency: Histogram,
 }
 
+impl AnalyzerView {
+    pub fn new(spec: AnalyzerSpec) -> Self {
+        Self {
+            id: spec.id.clone(),
+            spec: RwLock::new(spec),
+            breaker: AtomicU8::new(0),
+            half_open_at_ms: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            consecutive_failures: AtomicU32::new(0),
+            acknowledged_messages: AtomicU64::new(0),
+            queued_messages: AtomicU64::new(0),
+            in_flight_messages: AtomicU64::new(0),
+            failed_batches: AtomicU64::new(0),
+            rejected_batches: AtomicU64::new(0),
+            send_retries: AtomicU64::new(0),
+            send_latency: Histogram::latency(),
+        }
+    }
+
+    pub fn spec(&self) -> AnalyzerSpec {
+        self.spec
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_spec(&self, spec: AnalyzerSpec) {
+        *self.spec.write().unwrap_or_else(PoisonError::into_inner) = spec;
+    }
+
+    pub fn weight(&self) -> f64 {
+        self.spec
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .weight
+    }
+
+    /// `closed`, `open` or `half_open`.
+    pub fn breaker_state(&self) -> &'static str {
+        STATE_NAMES
+            .get(usize::from(self.breaker.load(Relaxed)))
+            .copied()
+            .unwrap_or("closed")
+    }
+
+    /// Its breaker lets traffic through (closed or half-open).
+    pub fn healthy(&self) -> bool {
+        self.breaker_state() != "open"
+    }
+
+    /// It gets new messages now: healthy, enabled, weighted and not draining.
+    pub fn gets_traffic(&self) -> bool {
+        let spec = self.spec.read().unwrap_or_else(PoisonError::into_inner);
+        spec.enabled && spec.weight > 0.0 && self.healthy() && !self.draining.load(Relaxed)
+    }
+}
+
+/// The registered analyzers, as last published by the dispatcher (registration order, then the
+/// ones draining).
+pub type Views = Arc<Vec<Arc<AnalyzerView>>>;
+
 /// Process-wide counters.
 #[derive(Debug)]
 pub struct Shared {
-    pub analyzers: Vec<AnalyzerView>,
+    analyzers: watch::Sender<Views>,
+    /// Messages acknowledged by analyzers since removed (so totals do not drop on a removal).
+    pub removed_acknowledged_messages: AtomicU64,
     pub accepted_packets: AtomicU64,
     pub accepted_messages: AtomicU64,
     pub duplicate_packets: AtomicU64,
@@ -66,26 +141,18 @@ pub struct Shared {
     pub oldest_accepted_at_ms: AtomicU64,
 }
 
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shared {
-    pub fn new(analyzers: &[AnalyzerEntry]) -> Self {
+    /// No analyzers until the dispatcher publishes them.
+    pub fn new() -> Self {
         Self {
-            analyzers: analyzers
-                .iter()
-                .map(|a| AnalyzerView {
-                    id: a.id.clone(),
-                    endpoint: a.endpoint.clone(),
-                    weight: a.weight,
-                    healthy: AtomicBool::new(true),
-                    consecutive_failures: AtomicU32::new(0),
-                    acknowledged_messages: AtomicU64::new(0),
-                    queued_messages: AtomicU64::new(0),
-                    in_flight_messages: AtomicU64::new(0),
-                    failed_batches: AtomicU64::new(0),
-                    rejected_batches: AtomicU64::new(0),
-                    send_retries: AtomicU64::new(0),
-                    send_latency: Histogram::latency(),
-                })
-                .collect(),
+            analyzers: watch::Sender::new(Arc::new(Vec::new())),
+            removed_acknowledged_messages: AtomicU64::new(0),
             accepted_packets: AtomicU64::new(0),
             accepted_messages: AtomicU64::new(0),
             duplicate_packets: AtomicU64::new(0),
@@ -98,8 +165,23 @@ impl Shared {
         }
     }
 
+    /// The registered analyzers now (a snapshot; it does not change under the caller).
+    pub fn analyzers(&self) -> Views {
+        self.analyzers.borrow().clone()
+    }
+
+    /// Replace the list (the dispatcher, after a registry change or a removal).
+    pub fn publish_analyzers(&self, views: Vec<Arc<AnalyzerView>>) {
+        self.analyzers.send_replace(Arc::new(views));
+    }
+
+    /// Wakes on every [`Shared::publish_analyzers`].
+    pub fn watch_analyzers(&self) -> watch::Receiver<Views> {
+        self.analyzers.subscribe()
+    }
+
     pub fn in_flight_messages(&self) -> u64 {
-        self.analyzers
+        self.analyzers()
             .iter()
             .map(|a| a.in_flight_messages.load(Relaxed))
             .sum()
@@ -113,11 +195,13 @@ impl Shared {
             .sum()
     }
 
+    /// Acknowledged by any analyzer, removed ones included.
     pub fn acknowledged_messages(&self) -> u64 {
-        self.analyzers
+        self.analyzers()
             .iter()
             .map(|a| a.acknowledged_messages.load(Relaxed))
-            .sum()
+            .sum::<u64>()
+            + self.removed_acknowledged_messages.load(Relaxed)
     }
 }
 

@@ -1,18 +1,9 @@
 //! Logging set-up and the process's shutdown signal, shared by the binary and kept out of it.
 
-use tracing_subscriber::EnvFilter;
-
-/// Log to stderr; `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` switches to JSON lines.
+/// Log to stderr; `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` switches to JSON lines
+/// (see `logdist_config::init_logging`).
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    logdist_config::init_logging();
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

@@ -138,6 +138,8 @@ const DEDUP_ORDER: u8 = b'd';
 const QUARANTINE: u8 = b'q';
 const META: &[u8] = b"m";
 const META_VALUE: &[u8] = b"logdist-wal 1";
+/// The analyzer registry changed at runtime (`registry`), one JSON value.
+const REGISTRY: &[u8] = b"a";
 const VERSION: u8 = 1;
 
 /// Present while a new WAL is being created: a crash then leaves an empty `db` file that is not
@@ -1243,6 +1245,24 @@ impl Wal {
             }
         }
         Ok(())
+    }
+
+    /// The analyzer registry stored by [`Wal::store_registry`], if any.
+    pub fn load_registry(&self) -> Result<Option<Vec<u8>>, WalError> {
+        let Handle { db, .. } = self.handle()?;
+        Ok(db
+            .get(REGISTRY)
+            .map_err(|e| self.failed(e))?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Replace the stored analyzer registry and flush (blocking). On `Ok` the change is durable.
+    pub fn store_registry(&self, bytes: &[u8]) -> Result<(), WalError> {
+        {
+            let Handle { db, .. } = self.handle()?;
+            db.insert(REGISTRY, bytes).map_err(|e| self.failed(e))?;
+        }
+        self.flush()
     }
 
     /// Forget dedup entries older than the retention (only delivered packets can be that old:

@@ -310,13 +310,8 @@ fn load_settings(args: &SettingsArgs, flags: SettingsFlags) -> anyhow::Result<Em
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // stderr: stdout carries only the results (and `listening on`).
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logdist_config::init_logging();
 }
 
 #[tokio::main]

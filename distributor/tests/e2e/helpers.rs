@@ -59,29 +59,57 @@ where
     }
 }
 
+/// A request with an optional JSON body; returns the status and the JSON answer (`null` if none).
+#[allow(dead_code)] // used by e2e/operate.rs, not by tests/faults.rs
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    body: Option<Value>,
+) -> (reqwest::StatusCode, Value) {
+    let mut req = http().request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status();
+    let bytes = r.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
 pub struct TestAnalyzer {
     pub id: String,
     pub url: String,
     stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestAnalyzer {
     pub async fn spawn(id: &str) -> Self {
+        Self::spawn_with(AnalyzerSettings {
+            id: id.to_string(),
+            ..AnalyzerSettings::default()
+        })
+        .await
+    }
+
+    /// An analyzer with these settings, on a free port of 127.0.0.1.
+    pub async fn spawn_with(settings: AnalyzerSettings) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let settings = AnalyzerSettings {
-            id: id.to_string(),
-            ..AnalyzerSettings::default()
-        };
+        let id = settings.id.clone();
         let (tx, rx) = oneshot::channel::<()>();
-        tokio::spawn(analyzer::run(listener, settings, async {
+        let task = tokio::spawn(analyzer::run(listener, settings, async {
             let _ = rx.await;
         }));
         let a = TestAnalyzer {
-            id: id.to_string(),
+            id,
             url,
             stop: Some(tx),
+            task: Some(task),
         };
         let health = format!("{}/health", a.url);
         wait_until("analyzer up", Duration::from_secs(10), || async {
@@ -89,6 +117,21 @@ impl TestAnalyzer {
         })
         .await;
         a
+    }
+
+    /// Stop it as SIGTERM would, and wait until it has stopped.
+    #[allow(dead_code)] // used by e2e/operate.rs
+    pub async fn stop_gracefully(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("analyzer stopped within 60 s")
+                .unwrap()
+                .unwrap();
+        }
     }
 
     pub async fn disable(&self) {

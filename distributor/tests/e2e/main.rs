@@ -2,6 +2,7 @@
 //! accounting through the analyzers' `/audit`.
 
 mod helpers;
+mod operate;
 
 use std::collections::HashSet;
 use std::time::Duration;
