@@ -46,6 +46,10 @@ Usage: ./docker.sh VERB [ARGS]
   generate [N]               N batches of 250 messages (5 emitters x 50), default 1
   queue                      the distributor's GET /queue
   enable|disable analyzer-N  switch an analyzer on or off (it answers 503 while off)
+  weights ID=W [ID=W ...]    change weights at runtime (PUT /admin/weights), e.g.
+                             ./docker.sh weights analyzer-1=0.6 analyzer-2=0.2 analyzer-3=0.2;
+                             stored with the WAL, so they survive restarts
+  dashboard                  print the dashboard's URL (and check that it answers)
   verify-weights [--tolerance PP]
                              processed share per analyzer against its weight; exit 1
                              beyond the tolerance (default 1 percentage point)
@@ -439,6 +443,33 @@ cmd_switch() {
   echo
 }
 
+cmd_weights() {
+  (($#)) || die "weights: give id=weight pairs, e.g. ./docker.sh weights analyzer-1=0.6 analyzer-2=0.2 analyzer-3=0.2"
+  local body="" pair
+  for pair in "$@"; do
+    [[ "$pair" =~ ^([A-Za-z0-9._-]+)=([0-9]+(\.[0-9]+)?)$ ]] ||
+      die "weights: '$pair' is not ID=WEIGHT with a number >= 0 (e.g. analyzer-1=0.6)"
+    body+="${body:+, }\"${BASH_REMATCH[1]}\": ${BASH_REMATCH[2]}"
+  done
+  say "PUT $DISTRIBUTOR_URL/admin/weights {$body}"
+  local answer code
+  answer=$(curl -sS -X PUT "$DISTRIBUTOR_URL/admin/weights" -H 'content-type: application/json' \
+    -d "{$body}" -w '\n%{http_code}') || die "the distributor does not answer at $DISTRIBUTOR_URL"
+  code=${answer##*$'\n'}
+  printf '%s\n' "${answer%$'\n'*}" | pretty
+  [[ "$code" == 200 ]] || { echo "error: the distributor refused the weights (HTTP $code)" >&2; exit 1; }
+}
+
+cmd_dashboard() {
+  local url="$DISTRIBUTOR_URL/dashboard"
+  if curl -fsS -o /dev/null "$url" 2>/dev/null; then
+    say "dashboard ($MODE mode): open $url in a browser"
+  else
+    say "dashboard: $url (the distributor does not answer now: ./docker.sh start)"
+  fi
+  echo "$url"
+}
+
 # Analyzers as the host reaches them (the distributor's /health gives container addresses).
 analyzer_flags() {
   local i
@@ -500,6 +531,8 @@ case "$verb" in
   generate) cmd_generate "$@" ;;
   queue) need curl; curl -fsS "$DISTRIBUTOR_URL/queue" | pretty ;;
   enable|disable) need curl; cmd_switch "$verb" "$@" ;;
+  weights) need curl; cmd_weights "$@" ;;
+  dashboard) need curl; cmd_dashboard ;;
   verify-weights) cmd_verify_weights "$@" ;;
   verify-delivery) cmd_verify_delivery "$@" ;;
   crash-test) cmd_crash_test "$@" ;;

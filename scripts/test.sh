@@ -20,6 +20,9 @@ missing=()
 for tool in curl; do command -v "$tool" >/dev/null || missing+=("$tool"); done
 # promtool (Debian's prometheus package) validates every service's GET /metrics.
 command -v promtool >/dev/null || missing+=(prometheus)
+# Headless Chromium drives the dashboard (scripts/dashboard-test.py); python3 runs that script.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v python3 >/dev/null || missing+=(python3)
 if ((${#missing[@]})); then
   if command -v apt-get >/dev/null && [[ $(id -u) -eq 0 ]]; then
     echo "installing: ${missing[*]}"
@@ -68,6 +71,15 @@ if ((QUICK == 0)); then
     echo "promtool check metrics: http://127.0.0.1:$port/metrics"
     curl -fsS "http://127.0.0.1:$port/metrics" | promtool check metrics
   done
+  # The dashboard in headless Chromium: weights typed and applied through its controls, an
+  # analyzer switched off and on with its button, checked in /health; screenshot kept.
+  ./docker.sh dashboard
+  python3 scripts/dashboard-test.py --url http://127.0.0.1:8081 \
+    --screenshot "$LOGDIST_RUN_DIR/dashboard.png" \
+    --weights analyzer-1=0.6,analyzer-2=0.2,analyzer-3=0.2 --toggle analyzer-3
+  passed=$((passed + 1))
+  # Back to the configured weights, through ./docker.sh this time.
+  ./docker.sh weights analyzer-1=0.5 analyzer-2=0.3 analyzer-3=0.2
   ./docker.sh disable analyzer-2
   ./docker.sh generate 4 >/dev/null
   kill -9 "$(cat "$LOGDIST_RUN_DIR/distributor.pid")"

@@ -79,7 +79,12 @@ impl Registration {
     /// Deregister and wait for the distributor's drain (bounded).
     pub async fn deregister(&self) {
         let url = format!("{}?wait_ms={}", self.url, DEREGISTER_WAIT.as_millis());
-        match self.http.delete(&url).send().await {
+        // The admin API asks every change to be declared JSON, even without a body.
+        let request = self
+            .http
+            .delete(&url)
+            .header("content-type", "application/json");
+        match request.send().await {
             Ok(r) if r.status().as_u16() == 200 => {
                 tracing::info!(url = %self.url, "deregistered; the distributor drained what it had sent here")
             }

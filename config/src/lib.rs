@@ -372,6 +372,12 @@ impl Validate for DistributorSettings {
 
 /// Most analyzers one distributor delivers to.
 pub const MAX_ANALYZERS: usize = 64;
+/// Largest weight (weights are relative; the bound keeps their sum finite).
+pub const MAX_WEIGHT: f64 = 1_000_000.0;
+/// Longest timeout of one send to an analyzer.
+pub const MAX_TIMEOUT_MS: u64 = 60_000;
+/// Most retries of one batch before the redelivery worker takes over.
+pub const MAX_RETRY_COUNT: u32 = 10;
 
 /// Check one analyzer's fields. The error names the field (`id`, `weight`, `endpoint`,
 /// `timeout_ms`) and says what is wrong with it. Used for the config file and the admin API alike.
@@ -379,27 +385,43 @@ pub fn check_analyzer(a: &AnalyzerEntry) -> Result<(), (&'static str, String)> {
     if a.id.trim().is_empty() {
         return Err(("id", "must not be empty".into()));
     }
-    if a.id.len() > MAX_ID_BYTES || a.id.contains(|c: char| c == '/' || c.is_control()) {
+    // It goes into URL paths (`/admin/analyzers/{id}`) and metric labels unescaped.
+    if a.id.len() > MAX_ID_BYTES
+        || !a
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
         return Err((
             "id",
             format!(
-                "{:?} must be at most {MAX_ID_BYTES} bytes, without '/' or control characters",
+                "{:?} must be at most {MAX_ID_BYTES} characters from A-Z a-z 0-9 . _ -",
                 a.id
             ),
         ));
     }
-    if !a.weight.is_finite() || a.weight < 0.0 {
+    if !a.weight.is_finite() || !(0.0..=MAX_WEIGHT).contains(&a.weight) {
         return Err((
             "weight",
             format!(
-                "of {:?} must be a finite number >= 0, got {}",
+                "of {:?} must be a number from 0 to {MAX_WEIGHT}, got {}",
                 a.id, a.weight
             ),
         ));
     }
     check_endpoint(&a.endpoint).map_err(|e| ("endpoint", format!("of {:?}: {e}", a.id)))?;
-    if a.timeout_ms == 0 {
-        return Err(("timeout_ms", format!("of {:?} must be > 0", a.id)));
+    if !(1..=MAX_TIMEOUT_MS).contains(&a.timeout_ms) {
+        return Err((
+            "timeout_ms",
+            format!("of {:?} must be from 1 to {MAX_TIMEOUT_MS}", a.id),
+        ));
+    }
+    // Bounded, so that a batch's retries end and its records go to the redelivery worker.
+    if a.retry_count > MAX_RETRY_COUNT {
+        return Err((
+            "retry_count",
+            format!("of {:?} must be at most {MAX_RETRY_COUNT}", a.id),
+        ));
     }
     Ok(())
 }
@@ -650,6 +672,8 @@ mod tests {
                 (entry("a", "1", "http://:80"), "no valid host"),
                 (entry("a", "1", "http://x:99999"), "invalid port"),
                 (entry("a", "-1", "http://x:1"), "analyzers[0].weight"),
+                (entry("a b", "1", "http://x:1"), "analyzers[0].id"),
+                (entry("a", "1e9", "http://x:1"), "analyzers[0].weight"),
                 (
                     entry("a", "1", "http://x:1") + "[limits]\nmax_id_bytes = 70000\n",
                     "limits.max_id_bytes",

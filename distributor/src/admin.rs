@@ -11,6 +11,9 @@
 //! | `POST /admin/analyzers/{id}/disable`, `/enable` | switch one off and on, distributor-side |
 //! | `GET /dashboard` | the dashboard (its script from `/dashboard/app.js`; nothing from elsewhere) |
 //!
+//! Every change must be sent with `Content-Type: application/json`, even one without a body (415
+//! otherwise): a page on another site cannot make a browser send that without asking first.
+//!
 //! A change is checked (`registry`: unknown id 404, duplicate id 409, bad fields, negative weights
 //! or no positive weight left 400, each with `{"error": ".."}` saying why), stored in the WAL's sled
 //! database and flushed, then applied by the dispatcher, and only then answered: a 2xx means the
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::{header, StatusCode};
-use actix_web::{web, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -69,33 +72,42 @@ impl Admin {
         }
     }
 
-    /// Check a change on a copy, store it, have the dispatcher apply it, then keep it.
-    async fn change<T>(
-        &self,
-        f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
+    /// Check a change on a copy, store it, have the dispatcher apply it, then keep it. Runs in
+    /// a task of its own: a request dropped half-way (client gone, server stopping) cannot leave
+    /// the stored set, the dispatcher's and `registry` apart.
+    async fn change<T: Send + 'static>(
+        admin: &web::Data<Admin>,
+        f: impl FnOnce(&mut Registry) -> Result<T, RegistryError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let mut current = self.registry.lock().await;
-        let mut next = current.clone();
-        let out = f(&mut next)?;
-        if next == *current {
-            return Ok(out);
-        }
-        let (wal, stored) = (self.wal.clone(), next.clone());
-        tokio::task::spawn_blocking(move || registry::store(&wal, &stored))
-            .await
-            .map_err(|e| AdminError::Storage(e.to_string()))?
-            .map_err(|e| AdminError::Storage(e.to_string()))?;
-        let (done, applied) = oneshot::channel();
-        self.commands
-            .send(Command::Apply {
-                registry: next.clone(),
-                done,
-            })
-            .await
-            .map_err(|_| AdminError::Stopping)?;
-        applied.await.map_err(|_| AdminError::Stopping)?;
-        *current = next;
-        Ok(out)
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let mut current = admin.registry.lock().await;
+            let mut next = current.clone();
+            let out = f(&mut next)?;
+            if next == *current {
+                return Ok(out);
+            }
+            let (wal, stored) = (admin.wal.clone(), next.clone());
+            tokio::task::spawn_blocking(move || registry::store(&wal, &stored))
+                .await
+                .map_err(|e| AdminError::Storage(e.to_string()))?
+                .map_err(|e| AdminError::Storage(e.to_string()))?;
+            // Stored: from here on it is the registry, whatever the dispatcher says.
+            *current = next.clone();
+            let (done, applied) = oneshot::channel();
+            admin
+                .commands
+                .send(Command::Apply {
+                    registry: next,
+                    done,
+                })
+                .await
+                .map_err(|_| AdminError::Stopping)?;
+            applied.await.map_err(|_| AdminError::Stopping)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| AdminError::Storage(format!("the change task failed: {e}")))?
     }
 
     fn view_json(&self, id: &str) -> Option<Value> {
@@ -125,6 +137,10 @@ pub enum AdminError {
     Stopping,
     #[error("`wait_ms` must be a number of milliseconds up to 600000")]
     BadWait,
+    /// Asked of every change, with or without a body: a cross-site form or `fetch` cannot set it
+    /// without the browser asking first, which this server never allows.
+    #[error("Content-Type must be application/json for a change (even one without a body)")]
+    NotJson,
 }
 
 impl ResponseError for AdminError {
@@ -139,6 +155,7 @@ impl ResponseError for AdminError {
             | AdminError::Body(_)
             | AdminError::BadWait => StatusCode::BAD_REQUEST,
             AdminError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AdminError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AdminError::Storage(_) | AdminError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -206,6 +223,21 @@ pub fn analyzers_json(shared: &Shared) -> Vec<Value> {
     views.iter().map(|v| analyzer_json(v, usable)).collect()
 }
 
+/// Refuse a change not declared as JSON (see [`AdminError::NotJson`]).
+fn require_json(req: &HttpRequest) -> Result<(), AdminError> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(AdminError::NotJson)
+    }
+}
+
 async fn read_json<T: serde::de::DeserializeOwned>(
     mut payload: web::Payload,
 ) -> Result<T, AdminError> {
@@ -238,23 +270,28 @@ async fn get_one(
 }
 
 async fn create(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     payload: web::Payload,
 ) -> Result<HttpResponse, AdminError> {
+    require_json(&req)?;
     let patch: AnalyzerPatch = read_json(payload).await?;
     let id = patch.id.clone().unwrap_or_default();
-    admin.change(|r| r.create(patch)).await?;
+    Admin::change(&admin, |r| r.create(patch)).await?;
     tracing::info!(analyzer = %id, "admin: analyzer registered");
     Ok(HttpResponse::Created().json(admin.view_json(&id)))
 }
 
 async fn upsert(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     id: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, AdminError> {
+    require_json(&req)?;
     let patch: AnalyzerPatch = read_json(payload).await?;
-    let created = admin.change(|r| r.upsert(&id, patch)).await?;
+    let key = id.clone();
+    let created = Admin::change(&admin, move |r| r.upsert(&key, patch)).await?;
     tracing::info!(analyzer = %id, created, "admin: analyzer registered or updated");
     let status = if created {
         StatusCode::CREATED
@@ -270,10 +307,12 @@ struct RemoveQuery {
 }
 
 async fn remove(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     id: web::Path<String>,
     query: web::Query<RemoveQuery>,
 ) -> Result<HttpResponse, AdminError> {
+    require_json(&req)?;
     let wait = match &query.wait_ms {
         None => DEFAULT_DRAIN_WAIT,
         Some(ms) => match ms.parse::<u64>() {
@@ -282,7 +321,8 @@ async fn remove(
         },
     };
     let mut changes = admin.shared.watch_analyzers();
-    admin.change(|r| r.remove(&id).map(|_| ())).await?;
+    let key = id.clone();
+    Admin::change(&admin, move |r| r.remove(&key).map(|_| ())).await?;
     tracing::info!(analyzer = %id, "admin: analyzer removed; draining");
     let drained = tokio::time::timeout(wait, async {
         loop {
@@ -308,27 +348,32 @@ async fn remove(
 }
 
 async fn set_enabled(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     id: web::Path<String>,
     enabled: bool,
 ) -> Result<HttpResponse, AdminError> {
-    admin.change(|r| r.set_enabled(&id, enabled)).await?;
+    require_json(&req)?;
+    let key = id.clone();
+    Admin::change(&admin, move |r| r.set_enabled(&key, enabled)).await?;
     tracing::info!(analyzer = %id, enabled, "admin: analyzer switched");
     Ok(HttpResponse::Ok().json(admin.view_json(&id)))
 }
 
 async fn enable(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
-    set_enabled(admin, id, true).await
+    set_enabled(req, admin, id, true).await
 }
 
 async fn disable(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, AdminError> {
-    set_enabled(admin, id, false).await
+    set_enabled(req, admin, id, false).await
 }
 
 fn weights_json(registry: &Registry) -> Value {
@@ -346,11 +391,13 @@ async fn get_weights(admin: web::Data<Admin>) -> HttpResponse {
 }
 
 async fn set_weights(
+    req: HttpRequest,
     admin: web::Data<Admin>,
     payload: web::Payload,
 ) -> Result<HttpResponse, AdminError> {
+    require_json(&req)?;
     let weights: WeightMap = read_json(payload).await?;
-    admin.change(|r| r.set_weights(&weights)).await?;
+    Admin::change(&admin, move |r| r.set_weights(&weights)).await?;
     let registry = admin.registry.lock().await.clone();
     let now = weights_json(&registry);
     tracing::info!(weights = %now, "admin: weights changed");

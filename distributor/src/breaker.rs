@@ -72,6 +72,10 @@ pub struct Breaker {
     cfg: BreakerConfig,
     state: State,
     consecutive_failures: u32,
+    /// Bumped by every transition. The dispatcher tags each batch with the epoch it was sent in
+    /// and feeds the breaker only outcomes of the current epoch: a late answer to a batch sent
+    /// before the breaker opened must not close (or reopen) it in half-open.
+    epoch: u64,
 }
 
 impl Breaker {
@@ -80,7 +84,12 @@ impl Breaker {
             cfg,
             state: State::Closed,
             consecutive_failures: 0,
+            epoch: 0,
         }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     pub fn state(&self) -> State {
@@ -113,7 +122,16 @@ impl Breaker {
         }
     }
 
-    /// A batch acknowledged, or a health probe answered 2xx.
+    /// A health probe answered 2xx. It counts towards closing a half-open breaker, nothing else:
+    /// an analyzer whose `/health` answers while its `/analyze` fails must still open.
+    pub fn on_probe_success(&mut self, now: Instant) -> Option<Transition> {
+        match self.state {
+            State::HalfOpen { .. } => self.on_success(now),
+            State::Closed | State::Open { .. } => None,
+        }
+    }
+
+    /// A batch acknowledged.
     pub fn on_success(&mut self, _now: Instant) -> Option<Transition> {
         if !matches!(self.state, State::Open { .. }) {
             self.consecutive_failures = 0;
@@ -172,6 +190,7 @@ impl Breaker {
     fn go(&mut self, to: State) -> Option<Transition> {
         let from = self.state.name();
         self.state = to;
+        self.epoch += 1;
         Some(Transition { from, to })
     }
 }
@@ -237,6 +256,27 @@ mod tests {
         let t2 = t1 + Duration::from_secs(2);
         b.poll(t2);
         assert_eq!(names(b.on_probe_failure(t2)), Some(("half_open", "open")));
+    }
+
+    #[test]
+    fn probe_successes_close_a_half_open_breaker_but_do_not_hide_batch_failures() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(CFG);
+        b.on_failure(t0);
+        b.on_failure(t0);
+        assert_eq!(b.on_probe_success(t0), None);
+        assert_eq!(
+            b.consecutive_failures(),
+            2,
+            "a probe does not reset batch failures"
+        );
+        assert_eq!(names(b.on_failure(t0)), Some(("closed", "open")));
+        let epoch = b.epoch();
+        let t1 = t0 + Duration::from_secs(2);
+        b.poll(t1);
+        assert!(b.epoch() > epoch, "every transition starts an epoch");
+        assert_eq!(b.on_probe_success(t1), None);
+        assert_eq!(names(b.on_probe_success(t1)), Some(("half_open", "closed")));
     }
 
     #[test]

@@ -116,6 +116,8 @@ impl Slot {
 
 struct Outcome {
     slot: usize,
+    /// The slot's breaker epoch when the batch was sent (see `Breaker::epoch`).
+    epoch: u64,
     seqs: Vec<u64>,
     result: Result<(), SendFailure>,
 }
@@ -463,22 +465,33 @@ impl Dispatcher {
         s.view
             .in_flight_messages
             .fetch_add(messages as u64, Relaxed);
-        let (http, endpoint, tx, backoff, view) = (
+        let (http, endpoint, tx, backoff, view, epoch) = (
             self.http.clone(),
             s.endpoint.clone(),
             self.outcomes_tx.clone(),
             self.cfg.backoff,
             s.view.clone(),
+            s.breaker.epoch(),
         );
         tokio::spawn(async move {
             let result = delivery::send_batch(&http, &endpoint, body, backoff, &view).await;
             // The receiver lives as long as the dispatcher, which waits for every batch.
-            let _ = tx.send(Outcome { slot, seqs, result });
+            let _ = tx.send(Outcome {
+                slot,
+                epoch,
+                seqs,
+                result,
+            });
         });
     }
 
     fn apply_outcome(&mut self, outcome: Outcome) {
-        let Outcome { slot, seqs, result } = outcome;
+        let Outcome {
+            slot,
+            epoch,
+            seqs,
+            result,
+        } = outcome;
         self.in_flight_batches -= 1;
         // A slot is freed only once nothing is in flight to it, so it is still here.
         let Some(s) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
@@ -494,6 +507,8 @@ impl Dispatcher {
             });
         view.in_flight_messages.fetch_sub(messages, Relaxed);
         let now = Instant::now();
+        // Only outcomes of batches sent in the breaker's current state count for it.
+        let current = epoch == s.breaker.epoch();
         match result {
             Ok(()) => {
                 let delivered: Vec<(u64, u32)> = seqs
@@ -503,7 +518,11 @@ impl Dispatcher {
                     .collect();
                 self.window_bytes -= seqs_bytes;
                 view.acknowledged_messages.fetch_add(messages, Relaxed);
-                let transition = s.breaker.on_success(now);
+                let transition = if current {
+                    s.breaker.on_success(now)
+                } else {
+                    None
+                };
                 self.breaker_changed(slot, transition);
                 self.remove_delivered(delivered);
             }
@@ -548,7 +567,11 @@ impl Dispatcher {
                     analyzer = %view.id, error = %failure, records = seqs.len(), messages,
                     "batch failed after its retries; it waits for redelivery"
                 );
-                let transition = s.breaker.on_failure(now);
+                let transition = if current {
+                    s.breaker.on_failure(now)
+                } else {
+                    None
+                };
                 self.breaker_changed(slot, transition);
             }
         }
@@ -571,7 +594,7 @@ impl Dispatcher {
             return;
         };
         let transition = if up {
-            s.breaker.on_success(now)
+            s.breaker.on_probe_success(now)
         } else {
             s.breaker.on_probe_failure(now)
         };
@@ -654,15 +677,22 @@ impl Dispatcher {
             .iter()
             .map(|a| a.id.as_str())
             .collect();
-        let to_drain: Vec<usize> = self
+        let to_drain: Vec<String> = self
             .slots
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-            .filter(|(_, s)| !s.draining && !wanted.contains(s.view.id.as_str()))
-            .map(|(i, _)| i)
+            .flatten()
+            .filter(|s| !s.draining && !wanted.contains(s.view.id.as_str()))
+            .map(|s| s.view.id.clone())
             .collect();
-        for slot in to_drain {
+        for id in to_drain {
+            // Looked up by id each time: freeing one slot may have reused another index.
+            let Some(slot) = self
+                .slots
+                .iter()
+                .position(|s| s.as_ref().is_some_and(|s| s.view.id == id && !s.draining))
+            else {
+                continue;
+            };
             if let Some(s) = self.slot_mut(slot) {
                 s.draining = true;
                 s.view.draining.store(true, Relaxed);
@@ -849,10 +879,16 @@ pub async fn probe_health(
             .filter(|v| !v.draining.load(Relaxed))
             .map(|v| (v.id.clone(), endpoint_of(&v.spec())))
             .collect();
-        let probes = targets.iter().map(|(_, e)| delivery::probe(&http, e));
-        let results = futures_util::future::join_all(probes).await;
-        for ((id, _), up) in targets.into_iter().zip(results) {
-            if reports.send((id, up)).await.is_err() {
+        // Each answer is reported as it comes: a slow analyzer does not delay the others'.
+        let mut probes: futures_util::stream::FuturesUnordered<_> = targets
+            .into_iter()
+            .map(|(id, e)| {
+                let http = &http;
+                async move { (id, delivery::probe(http, &e).await) }
+            })
+            .collect();
+        while let Some(report) = futures_util::StreamExt::next(&mut probes).await {
+            if reports.send(report).await.is_err() {
                 return;
             }
         }

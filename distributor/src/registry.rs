@@ -83,7 +83,7 @@ pub enum RegistryError {
         message: String,
     },
     #[error(
-        "no analyzer would have a positive weight; at least one must, or nothing can be delivered"
+        "no enabled analyzer would have a positive weight; at least one must, or nothing can be delivered"
     )]
     NoPositiveWeight,
     #[error("at most {MAX_ANALYZERS} analyzers can be registered")]
@@ -194,7 +194,10 @@ impl Registry {
     }
 
     pub fn set_enabled(&mut self, id: &str, enabled: bool) -> Result<(), RegistryError> {
-        self.get_mut(id)?.enabled = enabled;
+        let mut next = self.clone();
+        next.get_mut(id)?.enabled = enabled;
+        next.validate()?;
+        *self = next;
         Ok(())
     }
 
@@ -210,7 +213,7 @@ impl Registry {
                 return Err(RegistryError::DuplicateId(a.id.clone()));
             }
         }
-        if !self.analyzers.iter().any(|a| a.weight > 0.0) {
+        if !self.analyzers.iter().any(|a| a.enabled && a.weight > 0.0) {
             return Err(RegistryError::NoPositiveWeight);
         }
         Ok(())
@@ -434,6 +437,32 @@ mod tests {
             ),
             (Box::new(|r| r.remove("nope").map(|_| ())), "no analyzer"),
             (Box::new(|r| r.set_enabled("nope", false)), "no analyzer"),
+            (
+                Box::new(|r| {
+                    r.upsert(
+                        "a",
+                        AnalyzerPatch {
+                            retry_count: Some(1000),
+                            ..Default::default()
+                        },
+                    )
+                    .map(|_| ())
+                }),
+                "`retry_count`",
+            ),
+            (
+                Box::new(|r| {
+                    r.upsert(
+                        "a b",
+                        AnalyzerPatch {
+                            endpoint: Some("http://x:1".into()),
+                            ..Default::default()
+                        },
+                    )
+                    .map(|_| ())
+                }),
+                "`id`",
+            ),
         ];
         for (change, needle) in cases {
             let mut copy = r.clone();
@@ -447,6 +476,11 @@ mod tests {
     fn removing_the_last_weighted_analyzer_is_refused() {
         let mut r = Registry::new(vec![spec("a", 1.0), spec("b", 0.0)]).unwrap();
         assert_eq!(r.remove("a"), Err(RegistryError::NoPositiveWeight));
+        assert_eq!(
+            r.set_enabled("a", false),
+            Err(RegistryError::NoPositiveWeight),
+            "switching off the last one is refused too"
+        );
         r.remove("b").unwrap();
         assert_eq!(r.analyzers().len(), 1);
     }

@@ -8,6 +8,7 @@
 //! * [`client`]: one packet to the distributor, retried until acknowledged;
 //! * [`sender`]: many packets with bounded concurrency, outcomes recorded in the ledger;
 //! * [`ledger`]: counters and the bounded log of acknowledged packets;
+//! * [`progress`]: the progress bar of `emitter send`;
 //! * [`server`]: the HTTP API (`/generate`, `/start`, `/stop`, `/stats`, `/acknowledged`);
 //! * [`verify`]: delivery and weight checks, pure functions plus thin fetch wrappers;
 //! * [`crashtest`]: the fault-injection suite (`emitter crash-test`);
@@ -18,6 +19,7 @@ pub mod client;
 pub mod crashtest;
 pub mod generate;
 pub mod ledger;
+pub mod progress;
 pub mod sender;
 pub mod server;
 pub mod verify;

@@ -112,6 +112,10 @@ struct SendArgs {
     /// Give up on a packet after this many seconds without an acknowledgement (default: never).
     #[arg(long, value_name = "SECS")]
     deadline: Option<u64>,
+    /// How progress is shown on stderr: a bar redrawn in place (`bar`; what `auto` picks when
+    /// stderr is a terminal), one line a second (`lines`; `auto` otherwise), or nothing (`off`).
+    #[arg(long, value_enum, default_value_t = emitter::progress::Mode::Auto)]
+    progress: emitter::progress::Mode,
 }
 
 #[derive(Debug, Args)]
@@ -451,7 +455,8 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         client.logs_url()
     );
 
-    let progress = tokio::spawn(report_progress(Arc::clone(&ledger), total));
+    let mode = args.progress.resolve();
+    let progress = tokio::spawn(report_progress(Arc::clone(&ledger), total, mode));
     let summary = emitter::sender::send_all(
         &client,
         &ledger,
@@ -461,6 +466,21 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
     )
     .await;
     progress.abort();
+    if mode == emitter::progress::Mode::Bar {
+        // The last frame, complete, then leave the line to the summary.
+        let s = ledger.snapshot();
+        let secs = (summary.elapsed_ms as f64 / 1000.0).max(0.001);
+        let frame = emitter::progress::frame(
+            s.messages_acknowledged,
+            total,
+            s.messages_acknowledged as f64 / secs,
+            s.retries,
+            30,
+        );
+        let mut err = std::io::stderr();
+        let _ = emitter::progress::draw(&mut err, mode, &frame);
+        eprintln!();
+    }
 
     let retries = ledger.snapshot().retries;
     let secs = (summary.elapsed_ms as f64 / 1000.0).max(0.001);
@@ -486,21 +506,26 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A progress line on stderr every second.
-async fn report_progress(ledger: Arc<Ledger>, total: u64) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+/// Redraw the progress every period until aborted; the rate is over the last second or so.
+async fn report_progress(ledger: Arc<Ledger>, total: u64, mode: emitter::progress::Mode) {
+    if mode == emitter::progress::Mode::Off {
+        return;
+    }
+    let period = mode.period();
+    let mut ticker = tokio::time::interval(period);
     ticker.tick().await;
     let mut last = 0;
+    let mut per_sec = 0.0;
     loop {
         ticker.tick().await;
         let s = ledger.snapshot();
-        eprintln!(
-            "progress: {}/{} messages acknowledged ({}/s), {} retries",
-            s.messages_acknowledged,
-            total,
-            s.messages_acknowledged - last,
-            s.retries
-        );
+        let now = s.messages_acknowledged as f64 - last as f64;
+        // Smoothed over about a second whatever the period.
+        let alpha = period.as_secs_f64().min(1.0);
+        per_sec = per_sec * (1.0 - alpha) + now / period.as_secs_f64() * alpha;
         last = s.messages_acknowledged;
+        let frame = emitter::progress::frame(last, total, per_sec, s.retries, 30);
+        let _ = emitter::progress::draw(&mut std::io::stderr(), mode, &frame);
     }
 }
 

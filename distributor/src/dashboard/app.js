@@ -22,10 +22,9 @@ function say(text, isError) {
 
 async function api(method, path, body) {
   const init = { method, headers: {} };
-  if (body !== undefined) {
-    init.headers["content-type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
+  // The admin API asks every change to be declared JSON, even one without a body.
+  if (method !== "GET") init.headers["content-type"] = "application/json";
+  if (body !== undefined) init.body = JSON.stringify(body);
   const r = await fetch(path, init);
   const text = await r.text();
   let json = null;
@@ -90,8 +89,15 @@ function renderBars() {
   svg.replaceChildren();
   const now = history[history.length - 1];
   const then = history.find((p) => p.t >= now.t - SHARE_WINDOW_MS) || history[0];
-  const deltas = analyzers.map((a) => Math.max(0, (now.byAnalyzer[a.id] || 0) - (then.byAnalyzer[a.id] || 0)));
-  const total = deltas.reduce((x, y) => x + y, 0);
+  let deltas = analyzers.map((a) => Math.max(0, (now.byAnalyzer[a.id] || 0) - (then.byAnalyzer[a.id] || 0)));
+  let total = deltas.reduce((x, y) => x + y, 0);
+  let scope = "last 60 s";
+  if (total === 0) { // nothing in the window: show the shares since the distributor started
+    deltas = analyzers.map((a) => a.acknowledged);
+    total = deltas.reduce((x, y) => x + y, 0);
+    scope = "since start (no traffic in the last 60 s)";
+  }
+  $("share-scope").textContent = scope;
   const n = Math.max(analyzers.length, 1);
   const group = (w - pad) / n, bar = Math.min(40, group / 3);
   for (const f of [0, 0.25, 0.5, 0.75, 1]) {
@@ -119,8 +125,9 @@ function renderHistory() {
   const rates = history.slice(1).map((p, i) => ({
     t: p.t, rate: Math.max(0, (p.acked - history[i].acked) / ((p.t - history[i].t) / 1000)), pending: p.pending,
   }));
-  const maxRate = Math.max(1, ...rates.map((r) => r.rate));
-  const maxPending = Math.max(1, ...rates.map((r) => r.pending));
+  const topRate = Math.max(0, ...rates.map((r) => r.rate));
+  const topPending = Math.max(0, ...rates.map((r) => r.pending));
+  const maxRate = Math.max(1, topRate), maxPending = Math.max(1, topPending);
   const x = (t) => pad + ((t - t0) / HISTORY_MS) * (w - pad);
   const line = (key, max, color) => {
     const pts = rates.map((r) => `${x(r.t).toFixed(1)},${(h - pad - (r[key] / max) * (h - 2 * pad)).toFixed(1)}`);
@@ -129,7 +136,7 @@ function renderHistory() {
   svg.append(svgEl("line", { x1: pad, x2: w, y1: h - pad, y2: h - pad, stroke: "#d9dee5" }));
   line("rate", maxRate, "#0969da");
   line("pending", maxPending, "#cf222e");
-  svg.append(svgEl("text", { x: pad, y: 12 }, `max ${fmt(maxRate)}/s acknowledged, ${fmt(maxPending)} pending`));
+  svg.append(svgEl("text", { x: pad, y: 12 }, `peak ${fmt(topRate)}/s acknowledged, ${fmt(topPending)} pending`));
   svg.append(svgEl("text", { x: pad, y: h - 8 }, "-5 min"));
   svg.append(svgEl("text", { x: w - 30, y: h - 8 }, "now"));
 }

@@ -66,7 +66,9 @@ pub async fn call(
     url: &str,
     body: Option<Value>,
 ) -> (reqwest::StatusCode, Value) {
-    let mut req = http().request(method, url);
+    let mut req = http()
+        .request(method, url)
+        .header("content-type", "application/json");
     if let Some(b) = body {
         req = req.json(&b);
     }
