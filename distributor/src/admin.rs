@@ -225,13 +225,7 @@ pub fn analyzers_json(shared: &Shared) -> Vec<Value> {
 
 /// Refuse a change not declared as JSON (see [`AdminError::NotJson`]).
 fn require_json(req: &HttpRequest) -> Result<(), AdminError> {
-    let json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
-    if json {
+    if crate::http::is_json(req) {
         Ok(())
     } else {
         Err(AdminError::NotJson)

@@ -157,7 +157,8 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     .error_response()
 }
 
-fn is_json(req: &HttpRequest) -> bool {
+/// The request is declared `application/json` (parameters such as `charset` allowed).
+pub(crate) fn is_json(req: &HttpRequest) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
