@@ -189,6 +189,8 @@ pub struct Distributor {
     data_dir: PathBuf,
     /// Extra command-line arguments for the next (re)start, e.g. `--recover`.
     pub args: Vec<String>,
+    /// Extra environment variables for the next (re)start, e.g. `LOG_FORMAT=json`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Distributor {
@@ -241,6 +243,7 @@ impl Distributor {
             config,
             data_dir,
             args: Vec::new(),
+            env: Vec::new(),
         };
         d.spawn();
         d.wait_ready().await;
@@ -260,6 +263,7 @@ impl Distributor {
         }
         let mut child = cmd
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()

@@ -370,3 +370,42 @@ async fn an_analyzer_registers_itself_is_switched_off_and_on_and_leaves_on_a_gra
     assert_eq!(delivered.lost(&acked), vec![]);
     assert_eq!(delivered.by_id.len(), acked.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_log_format_json_every_log_line_is_a_json_object_with_its_fields() {
+    // Arrange: restart with LOG_FORMAT=json, so the log holds text lines, then JSON ones.
+    let a = analyzers(2).await;
+    let mut d = Distributor::start(&[(&a[0], 0.5), (&a[1], 0.5)], BREAKER).await;
+    assert!(d.terminate().success());
+    let text_part = d.log().len();
+    d.env.push(("LOG_FORMAT".into(), "json".into()));
+    d.restart().await;
+
+    // Act: a breaker transition.
+    a[1].disable().await;
+    let health = format!("{}/health", d.url);
+    wait_until("analyzer-2's breaker open", DRAIN, || async {
+        get_json(&health).await["analyzers"][1]["breaker"]["state"] == "open"
+    })
+    .await;
+
+    // Assert: every line since the restart is a JSON object; the transition carries its fields.
+    let log = d.log();
+    let lines: Vec<Value> = log[text_part..]
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let opened = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("circuit breaker opened"))
+        })
+        .unwrap_or_else(|| panic!("no breaker transition in {lines:?}"));
+    assert_eq!(opened["level"], "WARN", "{opened}");
+    assert_eq!(opened["fields"]["analyzer"], "analyzer-2", "{opened}");
+    assert_eq!(opened["fields"]["from"], "closed", "{opened}");
+    assert_eq!(opened["fields"]["to"], "open", "{opened}");
+    assert!(opened["timestamp"].is_string(), "{opened}");
+}
