@@ -391,9 +391,12 @@ async fn set_weights(
 ) -> Result<HttpResponse, AdminError> {
     require_json(&req)?;
     let weights: WeightMap = read_json(payload).await?;
-    Admin::change(&admin, move |r| r.set_weights(&weights)).await?;
-    let registry = admin.registry.lock().await.clone();
-    let now = weights_json(&registry);
+    // The weights as this change left them (not re-read later: another change may follow).
+    let now = Admin::change(&admin, move |r| {
+        r.set_weights(&weights)?;
+        Ok(weights_json(r))
+    })
+    .await?;
     tracing::info!(weights = %now, "admin: weights changed");
     Ok(HttpResponse::Ok().json(now))
 }

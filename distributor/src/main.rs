@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     };
     let settings: DistributorSettings =
         logdist_config::load(file.as_deref(), "DISTRIBUTOR_", &flags)?;
-    distributor::telemetry::init();
+    logdist_config::init_logging();
     let listener = TcpListener::bind((settings.host.as_str(), settings.port))
         .with_context(|| format!("binding {}:{}", settings.host, settings.port))?;
     listener.set_nonblocking(true)?;

@@ -1,10 +1,4 @@
-//! Logging set-up and the process's shutdown signal, shared by the binary and kept out of it.
-
-/// Log to stderr; `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` switches to JSON lines
-/// (see `logdist_config::init_logging`).
-pub fn init() {
-    logdist_config::init_logging();
-}
+//! The process's shutdown signal, kept out of the binary (logging is `logdist_config::init_logging`).
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {

@@ -313,11 +313,6 @@ fn load_settings(args: &SettingsArgs, flags: SettingsFlags) -> anyhow::Result<Em
     )?)
 }
 
-fn init_tracing() {
-    // stderr: stdout carries only the results (and `listening on`).
-    logdist_config::init_logging();
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -329,7 +324,8 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    init_tracing();
+    // stderr: stdout carries only the results (and `listening on`).
+    logdist_config::init_logging();
     let command = cli.command.unwrap_or(Command::Serve(cli.serve));
     let fetching = matches!(
         command,
